@@ -1,0 +1,220 @@
+"""The one train loop: a config in, a trained backbone and per-epoch metrics out.
+
+It runs the same way in a plain Python process, on each Ray Train worker, and inside a
+Ray Tune trial: the caller hands it a :class:`WorkerContext` (rank, world size, device)
+and a ``report`` function (``ray.train.report``, ``ray.tune.report`` or a plain
+callback), so this module imports nothing from Ray, Tune or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ssl_train.augment import MultiViewDataset, view_recipes
+from ssl_train.backbones import build_backbone
+from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ssl_train.config import TrainConfig, check_batch_fits
+from ssl_train.data import DatasetSplits, load_splits
+from ssl_train.evaluate import embedding_std, evaluate_backbone
+from ssl_train.methods import build_method
+from ssl_train.optim import build_optimizer, build_scheduler
+from ssl_train.sharding import GlobalBatchSampler, loss_weight
+
+FINISHED, DIVERGED = "finished", "diverged"
+
+Reporter = Callable[[dict[str, Any], "Path | None"], None]
+
+
+@dataclass
+class WorkerContext:
+    """Where this copy of the loop runs: its rank among ``world_size`` workers and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoint_dir: Path | None = None
+    show_progress: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    status: str
+    epochs_completed: int
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    restarts: int
+    backbone: nn.Module
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mean_over_workers(value: float, context: WorkerContext) -> float:
+    if context.world_size == 1 or not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / context.world_size
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The SSL method (online + target networks or prototypes) around a fresh backbone."""
+    torch.manual_seed(config.seed)  # identical initial weights on every worker
+    return build_method(build_backbone(config.backbone), config)
+
+
+def train_loop(
+    config: TrainConfig,
+    report: Reporter,
+    context: WorkerContext | None = None,
+    checkpoint: str | Path | dict[str, Any] | None = None,
+    splits: DatasetSplits | None = None,
+) -> TrainResult:
+    """Train ``config.method`` for ``config.optim.epochs`` epochs; report metrics and a checkpoint each epoch.
+
+    ``checkpoint`` (a directory or a loaded state) resumes a run where it stopped: the
+    same weights, optimizer, schedule, RNG and data order, so 2 + 2 epochs equal 4.
+    """
+    context = context or WorkerContext()
+    device = context.device
+    splits = splits or load_splits(config.data, config.seed)
+    check_batch_fits(config, len(splits.ssl_train))
+
+    method = build_model(config).to(device)
+    if config.scaling.sync_batchnorm and context.world_size > 1:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if config.optim.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+
+    sampler = GlobalBatchSampler(
+        len(splits.ssl_train), config.optim.batch_size, context.rank, context.world_size, config.seed
+    )
+    steps_per_epoch = len(sampler)
+    total_steps = steps_per_epoch * config.optim.epochs
+    optimizer = build_optimizer(method, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch)
+
+    start_epoch, history, restarts = 0, [], 0
+    if checkpoint is not None:
+        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        restarts = state["restarts"] + 1
+        set_rng_state(state["rng"])
+    else:
+        _seed_everything(config.seed + 1_000 * context.rank)
+
+    model: nn.Module = method
+    if context.world_size > 1 and dist.is_initialized():
+        # broadcast_buffers=False: the SwAV queue holds each worker's own features.
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
+
+    loader = DataLoader(
+        MultiViewDataset(splits.ssl_train.images, view_recipes(config)),
+        batch_sampler=sampler,
+        num_workers=config.data.loader_workers,
+        persistent_workers=config.data.loader_workers > 0,
+    )
+    weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
+    use_bf16 = device.type == "cuda" and config.optim.mixed_precision
+    memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
+
+    status, last_checkpoint = FINISHED, None
+    for epoch in range(start_epoch, config.optim.epochs):
+        method.train()
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        loss_sum, embeddings, extras = 0.0, None, {}
+        steps = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{config.optim.epochs}", leave=False,
+            disable=not (context.show_progress and context.is_main),
+        )
+        for step_in_epoch, views in enumerate(steps):
+            step = epoch * steps_per_epoch + step_in_epoch
+            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, embeddings = model(views, step, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * weight).backward()
+            method.before_optimizer_step(step)
+            optimizer.step()
+            scheduler.step()
+            extras = method.after_optimizer_step(step, total_steps)
+            loss_sum += loss.item()
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+        train_seconds = time.perf_counter() - started
+
+        mean_loss = _mean_over_workers(loss_sum / steps_per_epoch, context)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": mean_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": steps_per_epoch * config.optim.batch_size / train_seconds,
+            "workers": context.world_size,
+            "restarts": restarts,
+            **extras,
+        }
+        if not math.isfinite(mean_loss):
+            status = DIVERGED
+        if context.is_main and status != DIVERGED:
+            metrics["embedding_std"] = embedding_std(embeddings.float())
+            if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.optim.epochs:
+                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device))
+        metrics["status"] = status
+        history.append(metrics)
+
+        if status != DIVERGED and context.checkpoint_dir is not None:
+            if context.is_main:
+                last_checkpoint = save_checkpoint(
+                    {
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "restarts": restarts,
+                        "world_size": context.world_size,
+                        "rng": rng_state(),
+                        "config": config.to_dict(),
+                    },
+                    context.checkpoint_dir,
+                    epoch + 1,
+                )
+        report(metrics, last_checkpoint if context.is_main else None)
+        if status == DIVERGED:
+            break
+
+    return TrainResult(
+        status=status,
+        epochs_completed=len(history) if status == FINISHED else len(history) - 1,
+        history=history,
+        checkpoint=last_checkpoint,
+        restarts=restarts,
+        backbone=method.backbone,
+    )
+

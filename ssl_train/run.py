@@ -1,0 +1,103 @@
+"""Run one training from Python or ``ssl-tune train`` and write its outputs.
+
+``train(config)`` runs the loop in this process when one worker is asked for (no Ray
+start-up to pay) and under Ray Train otherwise. Either way the run directory ends up with
+``config.yaml``, ``metrics.jsonl``, ``checkpoints/epoch_XXXX/`` and ``backbone.pt``::
+
+    from ssl_train import load_config, train
+    summary = train(load_config(overrides=["method=swav", "optim.epochs=5"]))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_train.backbones import build_backbone
+from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
+from ssl_train.config import TrainConfig, load_config
+from ssl_train.loop import FINISHED, WorkerContext, build_model, train_loop
+
+BACKBONE_FILE = "backbone.pt"
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or diverged) run leaves behind."""
+
+    status: str
+    output_dir: Path
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    backbone_path: Path | None
+    restarts: int
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def export_backbone(checkpoint: str | Path, config: TrainConfig, destination: str | Path) -> Path:
+    """Save the backbone of a checkpoint as a plain ``state_dict`` (torchvision key names)."""
+    model = build_model(config)
+    model.load_state_dict(load_checkpoint(checkpoint)["method"])
+    destination = Path(destination)
+    torch.save(model.backbone.state_dict(), destination)
+    return destination
+
+
+def load_backbone(run_dir: str | Path) -> nn.Module:
+    """The trained backbone of a run directory, ready for feature extraction."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    backbone = build_backbone(config.backbone)
+    backbone.load_state_dict(torch.load(run_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
+    return backbone.eval()
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    show_progress: bool = False,
+    address: str | None = None,
+) -> RunSummary:
+    """Train one model with one config; ``resume`` continues from the run directory's last checkpoint."""
+    output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    start_from = latest_checkpoint(checkpoint_dir) if resume else None
+    if resume and start_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under '{checkpoint_dir}'; run without --resume to start")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / "config.yaml")
+    metrics_file = output_dir / "metrics.jsonl"
+    if start_from is None:
+        metrics_file.unlink(missing_ok=True)
+
+    def record(metrics: dict[str, Any], _checkpoint: Path | None = None) -> None:
+        with metrics_file.open("a") as stream:
+            stream.write(json.dumps(metrics) + "\n")
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    if config.scaling.max_workers > 1 or address is not None:
+        from ssl_train.distributed import fit
+
+        status, history, checkpoint, restarts = fit(config, record, resume_from=start_from, address=address)
+    else:
+        device = torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+        context = WorkerContext(device=device, checkpoint_dir=checkpoint_dir, show_progress=show_progress)
+        result = train_loop(config, record, context, checkpoint=start_from)
+        status, history, checkpoint, restarts = result.status, result.history, result.checkpoint, result.restarts
+
+    backbone_path = None
+    if status == FINISHED and checkpoint is not None:
+        backbone_path = export_backbone(checkpoint, config, output_dir / BACKBONE_FILE)
+    return RunSummary(status, output_dir, history, checkpoint, backbone_path, restarts)
