@@ -94,6 +94,78 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """``'90'``/``'90s'`` -> 90.0, ``'10m'`` -> 600.0, ``'1.5h'`` -> 5400.0 seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"duration {text!r} must look like 90s, 10m or 1.5h") from None
+    if seconds <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tuning.sweep import SweepSettings, finish_sweep, run_sweep
+
+    overrides = list(args.overrides)
+    if args.epochs:
+        overrides.append(f"optim.epochs={args.epochs}")
+    for key, value in parse_workers(args.workers).items() if args.workers else ():
+        overrides.append(f"{key}={value}")
+    if args.gpus_per_worker:
+        overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_worker}"]
+    if args.max_failures is not None:
+        overrides.append(f"scaling.max_failures={args.max_failures}")
+    settings = SweepSettings(
+        space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
+        trials=args.trials, min_epochs=args.min_epochs, concurrency=args.concurrency, searcher=args.searcher,
+        scheduler=args.scheduler, objective=args.objective, seed=args.seed, name=args.resume or args.name,
+        storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
+        trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
+        time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
+    )
+    results = run_sweep(settings, resume=bool(args.resume))
+    if not results.num_terminated and results.num_errors == 0:
+        print(f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} --storage {args.storage}")
+        return 130
+    outcome = finish_sweep(settings, results)
+    print(f"\ntop trials of {outcome.name}:\n{outcome.table_text}\n")
+    if outcome.default_objective is not None:
+        margin = outcome.best_objective - outcome.default_objective
+        print(f"best {args.objective}: {outcome.best_objective:.4f}  default config: {outcome.default_objective:.4f}"
+              f"  margin: {margin:+.4f}")
+    print(f"best config: {outcome.best_config_path}  (re-run: ssl-tune train --config {outcome.best_config_path})")
+    print(f"MLflow: parent run {outcome.parent_run_id} in {settings.tracking_uri}  (browse: ssl-tune ui)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuning.report import format_table, load_report, write_plots
+    from tuning.tracking import default_tracking_uri
+
+    report = load_report(args.tracking_uri or default_tracking_uri(), args.sweep, args.experiment)
+    print(f"sweep {report.name} ({len(report.table)} trials):\n{format_table(report, args.top)}")
+    if args.plots:
+        for path in write_plots(report, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from tuning.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl-tune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, help="run directory (default: config output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     train.set_defaults(handler=cmd_train)
+
+    tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
+    add_config_arguments(tune)
+    tune.add_argument("--space", default="byol", help="search space: byol | swav | augment | path/to/space.yaml")
+    tune.add_argument("--trials", type=int, default=12, help="number of trials (default 12)")
+    tune.add_argument("--epochs", type=int, help="epochs of a trial that is not pruned (sets optim.epochs)")
+    tune.add_argument("--min-epochs", type=int, default=2, help="epochs before ASHA may prune a trial")
+    tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
+    tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
+    tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    tune.add_argument("--objective", choices=["knn_acc", "linear_acc"], default="knn_acc")
+    tune.add_argument("--trial-time-limit", help="stop a trial after this long, e.g. 5m")
+    tune.add_argument("--time-budget", help="end the whole sweep after this long, e.g. 10m")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the searcher")
+    tune.add_argument("--name", help="sweep name (default: sweep-DATE-TIME)")
+    tune.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
+    tune.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
+    tune.add_argument("--keep-best", type=int, default=3, help="log backbone weights of the best K trials")
+    tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
+
+    report = commands.add_parser("report", help="top trials of a sweep, read back from MLflow")
+    report.add_argument("sweep", nargs="?", help="sweep name (default: the newest)")
+    report.add_argument("--tracking-uri")
+    report.add_argument("--experiment", default="ssl-tune")
+    report.add_argument("--top", type=int, default=10)
+    report.add_argument("--plots", type=Path, help="write the sweep's plots to this folder")
+    report.set_defaults(handler=cmd_report)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on the local store")
+    ui.add_argument("--tracking-uri")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=cmd_ui)
 
     data = commands.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     to_parquet = data.add_parser("to-parquet", help="convert an image folder to Parquet (image bytes + label)")
@@ -124,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError, LookupError) as error:
         print(f"ssl-tune: error: {error}", file=sys.stderr)
         return 2
 

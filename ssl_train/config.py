@@ -120,12 +120,18 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """kNN monitor (Wu et al. 2018) and linear probe on frozen backbone features."""
+    """kNN monitor (Wu et al. 2018) and linear probe on frozen backbone features.
+
+    A run whose embedding std (x sqrt(d); 1 = spread, 0 = collapsed) is below
+    ``collapse_threshold`` after ``collapse_grace_epochs`` stops as ``collapsed`` (0 = never).
+    """
 
     knn_k: int = 200
     knn_temperature: float = 0.1
     linear_probe: bool = False
     every_epochs: int = 1
+    collapse_threshold: float = 0.0
+    collapse_grace_epochs: int = 2
 
 
 @dataclass
@@ -141,6 +147,7 @@ class ScalingConfig:
     sync_batchnorm: bool = False
     stream_parquet: bool = False
     storage: Optional[str] = None
+    resize_interval_s: float = 60.0
 
 
 @dataclass
@@ -391,6 +398,8 @@ def validate(c: TrainConfig) -> None:
     _require(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
     _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "must be > 0")
     _require(e.every_epochs >= 1, "eval.every_epochs", e.every_epochs, "must be >= 1")
+    _require(0 <= e.collapse_threshold < 1, "eval.collapse_threshold", e.collapse_threshold, "must lie in [0, 1)")
+    _require(e.collapse_grace_epochs >= 0, "eval.collapse_grace_epochs", e.collapse_grace_epochs, "must be >= 0")
 
     sc = c.scaling
     _require(sc.min_workers >= 1, "scaling.min_workers", sc.min_workers, "must be >= 1")
@@ -398,6 +407,7 @@ def validate(c: TrainConfig) -> None:
              f"must be >= scaling.min_workers={sc.min_workers}")
     _require(sc.max_failures >= -1, "scaling.max_failures", sc.max_failures, "must be >= 0, or -1 for unlimited")
     _require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", sc.cpus_per_worker, "must be > 0")
+    _require(sc.resize_interval_s > 0, "scaling.resize_interval_s", sc.resize_interval_s, "must be > 0 seconds")
     _require(sc.gpus_per_worker > 0, "scaling.gpus_per_worker", sc.gpus_per_worker, "must be > 0")
 
 

@@ -32,7 +32,7 @@ from ssl_train.methods import build_method
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler, loss_weight
 
-FINISHED, DIVERGED = "finished", "diverged"
+RUNNING, FINISHED, DIVERGED, COLLAPSED = "running", "finished", "diverged", "collapsed"
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
@@ -181,11 +181,13 @@ def train_loop(
         }
         if not math.isfinite(mean_loss):
             status = DIVERGED
-        if context.is_main and status != DIVERGED:
-            metrics["embedding_std"] = embedding_std(embeddings.float())
-            if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.optim.epochs:
+        if status != DIVERGED:
+            metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
+            if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.optim.epochs):
                 metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device))
-        metrics["status"] = status
+            if epoch + 1 > config.eval.collapse_grace_epochs and metrics["embedding_std"] < config.eval.collapse_threshold:
+                status = COLLAPSED
+        metrics["status"] = RUNNING if status == FINISHED and epoch + 1 < config.optim.epochs else status
         history.append(metrics)
 
         if status != DIVERGED and context.checkpoint_dir is not None:
@@ -206,12 +208,12 @@ def train_loop(
                     epoch + 1,
                 )
         report(metrics, last_checkpoint if context.is_main else None)
-        if status == DIVERGED:
+        if status != FINISHED:
             break
 
     return TrainResult(
         status=status,
-        epochs_completed=len(history) if status == FINISHED else len(history) - 1,
+        epochs_completed=len(history) - (status == DIVERGED),
         history=history,
         checkpoint=last_checkpoint,
         restarts=restarts,

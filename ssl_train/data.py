@@ -1,0 +1,529 @@
+"""Datasets: images decoded once into uint8 tensors, split into SSL-train / eval-train / test.
+
+Sources (``DataConfig.source``):
+
+- ``digits``: scikit-learn's 1,797 labeled 8x8 digits (ships with the dependency, no download).
+- ``folder``: class sub-folders ``path/<class>/*.png`` (labeled), or a flat folder of unlabeled
+  images plus ``labeled_path`` (class sub-folders or parquet) for evaluation.
+- ``parquet``: a file or a folder of ``.parquet`` files, columns ``image`` (encoded bytes) and
+  optional ``label`` (integer; null = unlabeled). ``folder_to_parquet`` writes this format.
+- ``cifar10`` / ``stl10``: torchvision datasets under ``download_root`` (downloaded when missing).
+
+Labeled data is split with a fixed seed (``SPLIT_SEED``), stratified by class, so every run and
+every trial of a sweep measures on the same test images. Unreadable images are skipped and listed
+in ``DatasetSplits.skipped``; they never stop a run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from ssl_train.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+# The split seed is a constant, not the run's seed: all trials compare on the same images.
+SPLIT_SEED = 20201
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Largest image accepted (16384 x 16384). JPEGs are decoded at 1/2..1/8 scale via draft(), so
+# even this size costs little memory; PIL's own decompression-bomb limit is raised to match.
+MAX_PIXELS = 16384 * 16384
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, http.client.HTTPException)
+_ROWS_PER_GROUP = 256
+_RESIZE_CHUNK = 4096
+
+ImageSource = Union[bytes, str, Path]
+
+
+class DataError(ValueError):
+    """Data cannot be loaded; the message names the file/path/column and the fix."""
+
+
+@dataclass
+class ImageSet:
+    """Decoded images and their labels."""
+
+    images: torch.Tensor  # uint8 [N, 3, S, S], RGB
+    labels: torch.Tensor  # int64 [N]; -1 = unlabeled
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, index: np.ndarray) -> ImageSet:
+        """The images at ``index`` (a copy)."""
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[rows], self.labels[rows])
+
+
+@dataclass
+class DatasetSplits:
+    """The three sets one run uses. ``eval_train`` may be the same object as ``ssl_train``."""
+
+    name: str
+    ssl_train: ImageSet
+    eval_train: ImageSet
+    test: ImageSet
+    num_classes: int
+    skipped: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        size = self.ssl_train.images.shape[-1]
+        text = (
+            f"{self.name}: {len(self.ssl_train)} SSL-train, {len(self.eval_train)} eval-train, "
+            f"{len(self.test)} test images ({self.num_classes} classes, {size}x{size}); "
+            f"skipped {len(self.skipped)} unreadable"
+        )
+        if self.skipped:
+            more = len(self.skipped) - 3
+            text += ": " + ", ".join(self.skipped[:3]) + (f" (+{more} more)" if more > 0 else "")
+        if self.notes:
+            text += "; note: " + "; ".join(self.notes)
+        return text
+
+
+# ---------------------------------------------------------------- decoding one image
+
+
+def _allow_large_images() -> None:
+    """Raise PIL's decompression-bomb limit to MAX_PIXELS (idempotent, so thread-safe in effect)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _describe(source: ImageSource) -> str:
+    return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> L, RGB, or RGBA (when the image has transparency)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit grey (Pillow also opens some 16-bit files as 32-bit "I"): scale 0..65535 -> 0..255.
+        values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    if img.has_transparency_data:
+        return img.convert("RGBA")
+    return img if img.mode in ("L", "RGB") else img.convert("RGB")
+
+
+def decode_image(source: ImageSource, image_size: int) -> torch.Tensor:
+    """Encoded image (bytes or a file path) -> uint8 ``[3, S, S]`` RGB.
+
+    The shorter side is resized to S and the centre cropped (one resize of the centre square).
+    JPEGs are decoded at reduced scale first; transparency is composited on white; 16-bit images
+    are scaled, not clipped, to 8 bits. Raises DataError when the input is not a readable image.
+    """
+    _allow_large_images()
+    where = _describe(source)
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with Image.open(stream) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise DataError(
+                    f"image {where} is {width}x{height} = {width * height} pixels, over the limit of {MAX_PIXELS}; "
+                    "downscale it before training"
+                )
+            short = min(width, height)
+            img.draft(None, (-(-width * image_size // short), -(-height * image_size // short)))
+            ImageOps.exif_transpose(img, in_place=True)
+            img = _to_8bit(img)
+            width, height = img.size
+            short = min(width, height)
+            left, top = (width - short) // 2, (height - short) // 2
+            fitted = img.resize(
+                (image_size, image_size), Image.Resampling.BICUBIC,
+                box=(left, top, left + short, top + short), reducing_gap=3.0,
+            )
+    except DataError:
+        raise
+    except _DECODE_ERRORS as error:
+        raise DataError(f"cannot decode image {where}: {error}") from error
+    if fitted.mode == "RGBA":
+        fitted = Image.alpha_composite(Image.new("RGBA", fitted.size, "white"), fitted)
+    return TF.pil_to_tensor(fitted.convert("RGB"))
+
+
+# ---------------------------------------------------------------- undecoded records
+
+
+@dataclass
+class _Records:
+    """Images not yet decoded: file paths or bytes (None: an empty parquet cell), labels (-1 = none)."""
+
+    sources: list[Optional[ImageSource]]
+    names: list[str]
+    labels: np.ndarray
+    num_classes: int
+    where: str
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _folder_listing(path: Path, key: str) -> tuple[list[Path], np.ndarray, int]:
+    """Image files, labels (-1 = none) and class count of class sub-folders (classes in sorted order,
+    files sorted) or of a flat folder (unlabeled)."""
+    if not path.exists():
+        raise DataError(f"{key}='{path}' does not exist; give a folder of images")
+    if not path.is_dir():
+        raise DataError(f"{key}='{path}' is a file, not a folder; for a parquet file use data.source=parquet")
+    top = sorted(p for p in path.iterdir() if _is_image_file(p))
+    class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = {d.name: sorted(p for p in d.rglob("*") if _is_image_file(p)) for d in class_dirs}
+    classes = {name: files for name, files in classes.items() if files}
+    if top and classes:
+        raise DataError(
+            f"{key}='{path}' holds both images ({len(top)}) and class sub-folders ({sorted(classes)[:5]}); "
+            "use class sub-folders only (labeled), or a flat folder of unlabeled images plus data.labeled_path"
+        )
+    if not top and not classes:
+        raise DataError(
+            f"{key}='{path}' has no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
+        )
+    if top:
+        return top, np.full(len(top), -1, np.int64), 0
+    files = [p for class_files in classes.values() for p in class_files]
+    labels = np.concatenate([np.full(len(class_files), k, np.int64) for k, class_files in enumerate(classes.values())])
+    return files, labels, len(classes)
+
+
+def _folder_records(path: Path, key: str) -> _Records:
+    files, labels, num_classes = _folder_listing(path, key)
+    return _Records(list(files), [str(p) for p in files], labels, num_classes, str(path))
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.glob("*.parquet")) if path.is_dir() else []
+
+
+def _binary_type(dtype: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_binary_view", lambda _: False)
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or view(dtype)
+
+
+def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"'{file}' is not a readable parquet file: {error}") from error
+    if "image" not in schema.names:
+        raise DataError(
+            f"'{file}' has no 'image' column (columns: {schema.names}); expected 'image' (binary: encoded "
+            "PNG/JPEG bytes) and optionally 'label' (integer); folder_to_parquet / `ssl-tune data to-parquet` writes it"
+        )
+    if not _binary_type(schema.field("image").type):
+        raise DataError(
+            f"'{file}': column 'image' has type {schema.field('image').type}; expected binary "
+            "(the encoded image file's bytes)"
+        )
+    has_label = "label" in schema.names
+    label_type = schema.field("label").type if has_label else pa.null()
+    if not (pa.types.is_integer(label_type) or pa.types.is_null(label_type)):
+        raise DataError(
+            f"'{file}': column 'label' has type {label_type}; expected an integer type "
+            "(int64, null for unlabeled rows)"
+        )
+    columns = ["image"] + (["label"] if has_label else []) + (["path"] if "path" in schema.names else [])
+    table = pq.read_table(file, columns=columns)
+    rows = table.num_rows
+    names = (
+        [f"{file}:{p}" for p in table.column("path").to_pylist()] if "path" in columns
+        else [f"{file}:row {i}" for i in range(rows)]
+    )
+    labels = (
+        pc.fill_null(table.column("label").cast(pa.int64()), -1).to_numpy() if has_label
+        else np.full(rows, -1, np.int64)
+    )
+    negative = np.flatnonzero(labels < -1)  # null reads as -1; an explicit -1 means "unlabeled" too
+    if negative.size:
+        raise DataError(
+            f"'{file}': column 'label' has negative value {labels[negative[0]]} (row {negative[0]}); "
+            "labels must be >= 0 (null or -1 for unlabeled rows)"
+        )
+    return table.column("image").to_pylist(), names, labels.astype(np.int64)
+
+
+def _parquet_records(path: Path, key: str) -> _Records:
+    """All rows of the parquet file(s) at ``path``; labels renumbered 0..C-1 in sorted order."""
+    files = _parquet_files(path)
+    if not files:
+        raise DataError(
+            f"{key}='{path}' " + ("does not exist" if not path.exists() else "holds no .parquet files")
+            + "; give a parquet file or a folder of them (for an image folder use data.source=folder)"
+        )
+    sources: list[Optional[ImageSource]] = []
+    names: list[str] = []
+    labels: list[np.ndarray] = []
+    for file in files:
+        images, file_names, file_labels = _read_parquet_file(file)
+        sources += images
+        names += file_names
+        labels.append(file_labels)
+    raw = np.concatenate(labels)
+    if not len(raw):
+        raise DataError(f"{key}='{path}' has no rows; it holds no images")
+    labeled = raw >= 0
+    if labeled.all():
+        classes, index = np.unique(raw, return_inverse=True)
+        return _Records(sources, names, index.astype(np.int64), len(classes), str(path))
+    if labeled.any():
+        raise DataError(
+            f"{key}='{path}': {int(labeled.sum())} of {len(raw)} rows have a label; give every row a label "
+            "or none (put the labeled images in data.labeled_path)"
+        )
+    return _Records(sources, names, raw, 0, str(path))
+
+
+def _any_records(path: Path, key: str) -> _Records:
+    """A parquet file, a folder of parquet files, or an image folder."""
+    return _parquet_records(path, key) if _parquet_files(path) else _folder_records(path, key)
+
+
+def _try_decode(source: Optional[ImageSource], image_size: int) -> Union[torch.Tensor, str]:
+    if source is None:
+        return "empty image cell"
+    try:
+        return decode_image(source, image_size)
+    except DataError as error:
+        return str(error)
+
+
+def _decode_records(records: _Records, image_size: int, skipped: list[str]) -> ImageSet:
+    """Decode every record (threads: PIL releases the GIL); unreadable ones go to ``skipped``."""
+    out = torch.empty((len(records.sources), 3, image_size, image_size), dtype=torch.uint8)
+    kept: list[int] = []
+    reasons: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(partial(_try_decode, image_size=image_size), records.sources)
+        for i, result in enumerate(results):
+            if isinstance(result, str):
+                skipped.append(records.names[i])
+                reasons.append(f"{records.names[i]}: {result}")
+            else:
+                out[len(kept)] = result
+                kept.append(i)
+    if not kept:
+        raise DataError(
+            f"none of the {len(records.sources)} images under '{records.where}' could be decoded "
+            f"(e.g. {reasons[0]}); check the files are images"
+        )
+    if reasons:
+        logger.warning("skipped %d unreadable images under '%s', e.g. %s", len(reasons), records.where, reasons[0])
+    images = out[: len(kept)].clone() if len(kept) < len(out) else out
+    return ImageSet(images, torch.as_tensor(records.labels[kept], dtype=torch.long))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _hold_out(pool: ImageSet, fraction: float, what: str, notes: list[str]) -> tuple[ImageSet, ImageSet]:
+    """Fixed split of a labeled set into (rest, held-out ``fraction``), stratified when every class allows."""
+    index = np.arange(len(pool))
+    labels = pool.labels.numpy()
+    try:
+        rest, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=SPLIT_SEED)
+    except ValueError as error:
+        notes.append(f"{what} split not stratified ({error})")
+        try:
+            rest, held = train_test_split(index, test_size=fraction, random_state=SPLIT_SEED)
+        except ValueError as error2:
+            raise DataError(f"cannot make the {what} split of {len(pool)} labeled images: {error2}") from error2
+    return pool.select(np.sort(rest)), pool.select(np.sort(held))
+
+
+def _labeled_part(pool: ImageSet, fraction: float, notes: list[str]) -> ImageSet:
+    """``data.labeled_fraction`` of ``pool`` (stratified, fixed); the pool itself when it is 1."""
+    return pool if fraction >= 1.0 else _hold_out(pool, fraction, "labeled-fraction", notes)[1]
+
+
+def _require_classes(num_classes: int, where: str) -> None:
+    if num_classes < 2:
+        raise DataError(
+            f"'{where}' has {num_classes} class; evaluation needs labeled images of at least 2 classes "
+            "(one sub-folder per class, or 2+ distinct values in a parquet 'label' column)"
+        )
+
+
+def _needs_labels(where: str) -> DataError:
+    return DataError(
+        f"'{where}' holds unlabeled images, but evaluation (kNN / linear-probe accuracy, the tuning objective) "
+        "needs labeled ones: set data.labeled_path to a folder with one sub-folder per class "
+        "(<labeled_path>/<class>/*.png) or to a parquet file with an integer 'label' column"
+    )
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[N, 3, h, h]`` -> ``[N, 3, size, size]`` (bilinear, antialiased), in chunks."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        chunk = images[start : start + _RESIZE_CHUNK]
+        out[start : start + len(chunk)] = TF.resize(chunk, [size, size], antialias=True)
+    return out
+
+
+def _digits_splits(config: DataConfig) -> DatasetSplits:
+    digits = load_digits()
+    grey = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    pool = ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), config.image_size),
+                    torch.as_tensor(digits.target, dtype=torch.long))
+    notes: list[str] = []
+    ssl_train, test = _hold_out(pool, config.test_fraction, "test", notes)
+    eval_train = _labeled_part(ssl_train, config.labeled_fraction, notes)
+    return DatasetSplits("digits", ssl_train, eval_train, test, 10, [], notes)
+
+
+def _file_splits(config: DataConfig) -> DatasetSplits:
+    if not config.path:
+        raise DataError(f"data.source={config.source!r} needs data.path (a folder or parquet file)")
+    path = Path(config.path).expanduser()
+    reader = _parquet_records if config.source == "parquet" else _folder_records
+    records = reader(path, "data.path")
+    skipped: list[str] = []
+    notes: list[str] = []
+    main = _decode_records(records, config.image_size, skipped)
+    if config.labeled_path:
+        labeled_path = Path(config.labeled_path).expanduser()
+        labeled_records = _any_records(labeled_path, "data.labeled_path")
+        if not labeled_records.num_classes:
+            raise _needs_labels(str(labeled_path))
+        _require_classes(labeled_records.num_classes, str(labeled_path))
+        eval_pool, test = _hold_out(
+            _decode_records(labeled_records, config.image_size, skipped), config.test_fraction, "test", notes
+        )
+        ssl_train, num_classes = main, labeled_records.num_classes
+    elif records.num_classes:
+        _require_classes(records.num_classes, str(path))
+        ssl_train, test = _hold_out(main, config.test_fraction, "test", notes)
+        eval_pool, num_classes = ssl_train, records.num_classes
+    else:
+        raise _needs_labels(str(path))
+    eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
+    return DatasetSplits(str(path), ssl_train, eval_train, test, num_classes, skipped, notes)
+
+
+def _torchvision_dataset(factory: Callable[..., Any], name: str, root: Path, **kwargs: Any) -> Any:
+    """The dataset from ``root``; downloaded there when missing (needs network)."""
+    try:
+        return factory(str(root), download=False, **kwargs)
+    except RuntimeError:
+        pass  # not there yet: download it
+    try:
+        return factory(str(root), download=True, **kwargs)
+    except _DOWNLOAD_ERRORS as error:
+        raise DataError(
+            f"{name} is not in data.download_root='{root}' and could not be downloaded ({error}). "
+            f"With network access it downloads itself there on first use; otherwise download {name} "
+            f"(torchvision.datasets format) into '{root}' on a machine with network, or set data.download_root "
+            "to where it already is"
+        ) from error
+
+
+def _array_set(images: np.ndarray, labels: Sequence[int] | np.ndarray, size: int, channels_last: bool) -> ImageSet:
+    tensor = torch.from_numpy(images)
+    if channels_last:
+        tensor = tensor.permute(0, 3, 1, 2)
+    return ImageSet(_resize_square(tensor.contiguous(), size), torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def _torchvision_splits(config: DataConfig) -> DatasetSplits:
+    """CIFAR-10 (train -> SSL + eval, test) or STL-10 (unlabeled -> SSL, train -> eval, test).
+
+    These have official test splits, so ``test_fraction`` is not used.
+    """
+    root = Path(config.download_root).expanduser()
+    size = config.image_size
+    notes: list[str] = []
+    if config.source == "cifar10":
+        train = _torchvision_dataset(torchvision.datasets.CIFAR10, "CIFAR-10", root, train=True)
+        test = _torchvision_dataset(torchvision.datasets.CIFAR10, "CIFAR-10", root, train=False)
+        ssl_train = _array_set(train.data, train.targets, size, channels_last=True)
+        eval_pool = ssl_train
+        test_set = _array_set(test.data, test.targets, size, channels_last=True)
+    else:
+        unlabeled = _torchvision_dataset(torchvision.datasets.STL10, "STL-10", root, split="unlabeled")
+        train = _torchvision_dataset(torchvision.datasets.STL10, "STL-10", root, split="train")
+        test = _torchvision_dataset(torchvision.datasets.STL10, "STL-10", root, split="test")
+        ssl_train = _array_set(unlabeled.data, np.full(len(unlabeled.data), -1), size, channels_last=False)
+        eval_pool = _array_set(train.data, train.labels, size, channels_last=False)
+        test_set = _array_set(test.data, test.labels, size, channels_last=False)
+    eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
+    return DatasetSplits(config.source, ssl_train, eval_train, test_set, 10, [], notes)
+
+
+def load_splits(config: DataConfig, seed: int) -> DatasetSplits:
+    """Load and split the configured data.
+
+    The splits do not depend on ``seed``: they use the constant SPLIT_SEED, so every run and trial
+    is measured on the same test images. ``seed`` is the run's seed, taken for a uniform signature.
+    """
+    if config.source == "digits":
+        return _digits_splits(config)
+    if config.source in ("cifar10", "stl10"):
+        return _torchvision_splits(config)
+    return _file_splits(config)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def folder_to_parquet(src: str | Path, dst: str | Path) -> int:
+    """Write an image folder (class sub-folders or flat) as one parquet file; returns rows written.
+
+    Columns: ``image`` (the original file bytes), ``label`` (int64 class index in sorted class
+    order, null for a flat folder), ``path`` (relative to ``src``). Files are copied as they are;
+    unreadable images are skipped when the parquet file is loaded, as for the folder.
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dst.is_dir():
+        raise DataError(f"destination '{dst}' is a folder; give a file path such as '{dst / 'images.parquet'}'")
+    files, labels, _ = _folder_listing(src, "source folder")
+    schema = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(dst, schema) as writer:
+        for start in range(0, len(files), _ROWS_PER_GROUP):
+            chunk = files[start : start + _ROWS_PER_GROUP]
+            writer.write_table(pa.table({
+                "image": [_read_bytes(p) for p in chunk],
+                "label": [int(label) if label >= 0 else None for label in labels[start : start + _ROWS_PER_GROUP]],
+                "path": [p.relative_to(src).as_posix() for p in chunk],
+            }, schema=schema))
+    return len(files)
+
+
+def _read_bytes(path: Path) -> Optional[bytes]:
+    """The file's bytes; None (an empty cell, skipped on load) when the file cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        logger.warning("cannot read '%s' (%s); writing an empty image cell", path, error)
+        return None
