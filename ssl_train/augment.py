@@ -177,6 +177,21 @@ class MultiViewDataset(Dataset):
         image = self.images[index]
         return [transform(image) for transform in self.transforms]
 
+    def __getitems__(self, indices: Sequence[int]) -> list[list[torch.Tensor]]:
+        """A batch's samples (what ``DataLoader`` asks for), drawn with one intra-op thread.
+
+        Per-image ops on 32x32 tensors gain nothing from torch's thread pool and lose much when
+        the cores are shared: a two-view BYOL draw took ~10x the CPU time with 2 threads on a
+        busy 2-core machine. ``DataLoader`` workers already run with one thread; this covers
+        ``data.loader_workers = 0``, where augmentation runs in the training process.
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [self[index] for index in indices]
+        finally:
+            torch.set_num_threads(threads)
+
 
 def _display(image: torch.Tensor, cell: int) -> torch.Tensor:
     """A [0, 1] image ``[3, h, w]`` resized (nearest) to ``[3, cell, cell]`` for the preview."""

@@ -108,7 +108,7 @@ def parse_duration(text: str) -> float:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tuning.sweep import SweepSettings, finish_sweep, run_sweep
+    from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
 
     overrides = list(args.overrides)
     if args.epochs:
@@ -127,8 +127,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
     )
-    results = run_sweep(settings, resume=bool(args.resume))
-    if not results.num_terminated and results.num_errors == 0:
+    interruption = Interruption()
+    results = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
+    if interruption.interrupted:
         print(f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} --storage {args.storage}")
         return 130
     outcome = finish_sweep(settings, results)
@@ -227,10 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ssl_train.data import DataError
+    from ssl_train.loop import RunFailedError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, LookupError) as error:
+    except (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError) as error:
         print(f"ssl-tune: error: {error}", file=sys.stderr)
         return 2
 

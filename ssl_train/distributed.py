@@ -9,7 +9,9 @@ count (see :mod:`ssl_train.sharding`).
 
 from __future__ import annotations
 
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,12 +19,14 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ssl_train.checkpoint import load_checkpoint, save_checkpoint
-from ssl_train.config import TrainConfig, from_dict
-from ssl_train.loop import WorkerContext, train_loop
+from ssl_train.config import ConfigError, TrainConfig, from_dict
+from ssl_train.loop import RunFailedError, WorkerContext, train_loop
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
@@ -30,14 +34,18 @@ Reporter = Callable[[dict[str, Any], "Path | None"], None]
 def scaling_config(config: TrainConfig) -> ScalingConfig:
     """Ray's ScalingConfig for ``config.scaling``: a fixed size or an elastic (min, max) range."""
     s = config.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     workers: int | tuple[int, int] = s.min_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
     return ScalingConfig(
         num_workers=workers,
         use_gpu=s.use_gpu,
-        resources_per_worker=resources,
+        resources_per_worker=_worker_resources(config),
         elastic_resize_monitor_interval_s=s.resize_interval_s,
     )
+
+
+def _worker_resources(config: TrainConfig) -> dict[str, float]:
+    s = config.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -54,12 +62,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         state = None
 
     rank = context.get_world_rank()
-    echo = loop_config.get("echo")
+    progress: Queue | None = loop_config.get("progress")
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        if rank == 0 and echo is not None:
-            echo(metrics)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        if rank == 0 and progress is not None:
+            progress.put(metrics)  # after report: the driver hears of an epoch once its checkpoint is stored
 
     with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as staging:
         worker = WorkerContext(
@@ -79,15 +87,18 @@ def build_trainer(
     storage: str,
     resume_from: Path | None = None,
     callbacks: Sequence[Any] = (),
-    echo: Callable[[dict[str, Any]], None] | None = None,
+    progress: Queue | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer running :func:`train_loop` for ``config`` (used by ``fit`` and by multi-worker Tune trials)."""
+    """A TorchTrainer running :func:`train_loop` for ``config`` (used by ``fit`` and by multi-worker Tune trials).
+
+    ``progress``, when given, receives rank 0's metrics after every epoch.
+    """
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
             "config": config.to_dict(),
             "resume_from": str(resume_from) if resume_from else None,
-            "echo": echo,
+            "progress": progress,
         },
         scaling_config=scaling_config(config),
         run_config=RunConfig(
@@ -106,37 +117,106 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
 
 
+def check_capacity(config: TrainConfig, *, may_grow: bool) -> None:
+    """Fail early when the cluster cannot hold ``scaling.min_workers`` workers (Ray would wait forever).
+
+    With ``may_grow`` (a cluster joined by address, which an autoscaler may enlarge) print that
+    the run waits for nodes instead of failing.
+    """
+    s = config.scaling
+    per_worker = _worker_resources(config)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    total = ray.cluster_resources()
+    for key, amount in per_worker.items():
+        largest = max((node.get(key, 0.0) for node in nodes), default=0.0)
+        needed = s.min_workers * amount
+        if amount <= largest and needed <= total.get(key, 0.0):
+            continue
+        field = "scaling.cpus_per_worker" if key == "CPU" else "scaling.gpus_per_worker"
+        problem = (
+            f"scaling.min_workers={s.min_workers} workers x {field}={amount:g} need {needed:g} {key} "
+            f"(at most {largest:g} on one node); the Ray cluster has {total.get(key, 0.0):g} {key}"
+        )
+        if may_grow:
+            print(f"ssl-tune: {problem}: waiting for nodes to join", file=sys.stderr, flush=True)
+            return
+        raise ConfigError(f"{problem}; ask for fewer workers (--workers), lower {field}, or add nodes")
+
+
+def _failure_message(error: TrainingFailedError, max_failures: int) -> str:
+    """One line: which ranks failed with what, after how many restarts."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        causes = "; ".join(
+            f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}" for rank, cause in sorted(failures.items())
+        )
+    else:
+        causes = f"{type(error).__name__}: {_first_line(error)}"
+    return f"training failed for good (scaling.max_failures={max_failures} restarts used up): {causes}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else repr(error)
+
+
+def _relay(progress: Queue, record: Reporter, wait_s: float) -> None:
+    """Hand the metrics that rank 0 queued to ``record``, waiting up to ``wait_s`` for the first."""
+    try:
+        metrics = progress.get(timeout=wait_s) if wait_s > 0 else progress.get_nowait()
+        while True:
+            record(metrics, None)
+            metrics = progress.get_nowait()
+    except Empty:
+        return
+
+
 def fit(
     config: TrainConfig, record: Reporter, *, resume_from: Path | None = None, address: str | None = None
 ) -> tuple[str, list[dict[str, Any]], Path | None, int]:
     """Run ``config`` under Ray Train; returns (status, history, local checkpoint, restarts).
 
-    Rank 0 prints each epoch as it ends (Ray forwards worker output); ``record`` receives
-    the full history once the run is over, and the last checkpoint is copied into the run
-    directory so ``ssl-tune train --resume`` works the same as for in-process runs.
+    ``record`` receives rank 0's metrics as each epoch ends (an epoch redone after a restart
+    is recorded again; the returned history has each epoch once). The last checkpoint is
+    copied into the run directory so ``ssl-tune train --resume`` works the same as for
+    in-process runs. Raises :class:`RunFailedError` when the failures exceed ``scaling.max_failures``.
     """
-    from ssl_train.cli import format_epoch
-
     ensure_ray(address)
+    check_capacity(config, may_grow=address is not None)
     output_dir = Path(config.output_dir).resolve()
     storage = config.scaling.storage or str(output_dir / "ray")
+    # On the driver's node, as Train's controller: a queue on a node that leaves would take the run down.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = build_trainer(
-        config,
-        name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage=storage,
-        resume_from=resume_from,
-        echo=lambda metrics: print(format_epoch(metrics), flush=True),
+        config, name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage=storage, resume_from=resume_from,
+        progress=progress,
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the calling thread below
+            outcome["error"] = error
+
+    # fit() runs in a daemon thread so that this one relays progress and Ctrl-C still ends the process.
+    runner = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    runner.start()
+    while runner.is_alive():
+        _relay(progress, record, wait_s=1.0)
+    _relay(progress, record, wait_s=0)
+    progress.shutdown()
+    error = outcome.get("error")
+    if isinstance(error, TrainingFailedError):
+        raise RunFailedError(_failure_message(error, config.scaling.max_failures)) from error
+    if error is not None:
+        raise error
+    result = outcome["result"]
     summary = result.return_value or {}
-    history = summary.get("history", [])
-    for metrics in history:
-        record(metrics, None)
     local = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
         local = save_checkpoint(state, output_dir / "checkpoints", int(state["epoch"]))
-    return summary.get("status", "failed"), history, local, summary.get("restarts", 0)
+    return summary.get("status", "failed"), summary.get("history", []), local, summary.get("restarts", 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ class WorkerContext:
         return self.rank == 0
 
 
+class RunFailedError(RuntimeError):
+    """A run stopped for good: its worker group failed more often than ``scaling.max_failures`` allows."""
+
+
 @dataclass
 class TrainResult:
     status: str
@@ -59,11 +64,15 @@ class TrainResult:
     history: list[dict[str, Any]]
     checkpoint: Path | None
     restarts: int
-    backbone: nn.Module
+    method: nn.Module
 
     @property
     def metrics(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.method.backbone
 
 
 def _seed_everything(seed: int) -> None:
@@ -125,14 +134,19 @@ def train_loop(
         start_epoch, history = state["epoch"], list(state["history"])
         restarts = state["restarts"] + 1
         set_rng_state(state["rng"])
+        if context.rank > 0:  # only rank 0's RNG is saved: give the others their own stream again
+            _seed_everything(config.seed + 1_000 * context.rank + 1_000_000 * start_epoch)
     else:
         _seed_everything(config.seed + 1_000 * context.rank)
 
     model: nn.Module = method
     if context.world_size > 1 and dist.is_initialized():
-        # broadcast_buffers=False: the SwAV queue holds each worker's own features.
+        # broadcast_buffers=False: the SwAV queue holds each worker's own features. Its successor
+        # (forward_sync_buffers) would still sync buffers at init, hence the silenced deprecation.
         device_ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
 
     loader = DataLoader(
         MultiViewDataset(splits.ssl_train.images, view_recipes(config)),
@@ -185,7 +199,8 @@ def train_loop(
             metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
             if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.optim.epochs):
                 metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device))
-            if epoch + 1 > config.eval.collapse_grace_epochs and metrics["embedding_std"] < config.eval.collapse_threshold:
+            past_grace = epoch + 1 > config.eval.collapse_grace_epochs
+            if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
                 status = COLLAPSED
         metrics["status"] = RUNNING if status == FINISHED and epoch + 1 < config.optim.epochs else status
         history.append(metrics)
@@ -217,6 +232,6 @@ def train_loop(
         history=history,
         checkpoint=last_checkpoint,
         restarts=restarts,
-        backbone=method.backbone,
+        method=method,
     )
 

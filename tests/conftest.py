@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +19,12 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    ray.init(address=cluster.address)
+    # Other Ray instances may run on this machine. Train's placement-group cleaner asks the State API
+    # whether its controller lives, at the address it finds on its own ("the latest cluster"); pointing
+    # it at a foreign cluster makes it remove a live run's workers. So: our own dashboard port (the
+    # default 8265 may be taken) and RAY_ADDRESS for every process of this job.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

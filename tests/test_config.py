@@ -20,6 +20,7 @@ def test_dotted_overrides_parse_values_as_yaml(tmp_path):
     assert config.method == "swav"
     assert config.augment.blur_p == [0.5, 0.5]
     assert parse_override("byol.tau_base=0.996") == ("byol.tau_base", 0.996)
+    assert load_config(overrides=["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 def test_file_values_then_overrides(tmp_path):

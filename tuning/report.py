@@ -7,6 +7,7 @@ tracking store, including one that ran on another machine.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search_spaces import Param, SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig, from_dict  # noqa: E402
-from tuning.tracking import DEFAULT_EXPERIMENT, REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG  # noqa: E402
+from tuning.tracking import DEFAULT_EXPERIMENT, DEFAULT_TAG, REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG  # noqa: E402
 from tuning.trial import OBJECTIVE  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @dataclass
@@ -42,9 +45,9 @@ class SweepReport:
         return self.table.iloc[0]
 
     def default_trial(self) -> pd.Series | None:
-        """The first trial: Optuna's enqueued point, i.e. the base config."""
-        first = self.table.sort_values("started").head(1)
-        return None if first.empty else first.iloc[0]
+        """The trial that ran the base config (Optuna's enqueued first point), if it ran."""
+        rows = self.table[self.table["is_default"]]
+        return None if rows.empty else rows.iloc[0]
 
 
 def _unflatten(flat: dict[str, str]) -> dict[str, Any]:
@@ -92,6 +95,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
             "epochs": int(run.data.metrics.get("epoch", 0)),
             "status": run.data.tags.get(STATUS_TAG, "running"),
             "reason": run.data.tags.get(REASON_TAG, ""),
+            "is_default": run.data.tags.get(DEFAULT_TAG) == "true",
             **{key: flat[key] for key in space.searched_keys() if key in flat},
             "run_id": run_id,
             "started": run.info.start_time,
@@ -161,7 +165,9 @@ def write_plots(report: SweepReport, folder: str | Path, top: int = 5) -> list[P
 
     study = to_study(report)
     if len(study.trials) >= 2:
-        axes = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            axes = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
         written.append(_save(_figure_of(axes), folder / "parallel_coordinates.png"))
         try:
             importances = optuna.importance.get_param_importances(study)

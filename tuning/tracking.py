@@ -25,6 +25,7 @@ SWEEP_TAG = "ssl_tune.sweep"
 TRIAL_TAG = "ssl_tune.trial_id"
 STATUS_TAG = "ssl_tune.status"
 REASON_TAG = "ssl_tune.reason"
+DEFAULT_TAG = "ssl_tune.is_default_config"
 DEFAULT_EXPERIMENT = "ssl-tune"
 
 
@@ -127,6 +128,22 @@ class SweepTracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id, True
 
+    def drop_runs_except(self, trial_ids: set[str]) -> list[str]:
+        """Delete child runs of trials Tune does not know (started after its last state save, then a crash).
+
+        Tune re-suggests such a trial under a new id, so keeping its run would show a trial
+        the sweep never finished and does not count. Returns the dropped trial ids.
+        """
+        where = f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` != 'sweep'"
+        dropped = []
+        for run in self.client.search_runs([self.experiment_id], where, max_results=10_000):
+            if run.data.tags[TRIAL_TAG] not in trial_ids:
+                self.client.delete_run(run.info.run_id)
+                dropped.append(run.data.tags[TRIAL_TAG])
+        if dropped:
+            print(f"ssl-tune: removed MLflow runs of {len(dropped)} trial(s) lost in the crash: {', '.join(dropped)}")
+        return dropped
+
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int) -> None:
         """Log one epoch's metrics at ``step``, skipping steps this run already holds (re-run epochs after resume)."""
         done = self._logged_steps.setdefault(run_id, self._last_steps(run_id))
@@ -174,13 +191,19 @@ class MLflowSweepCallback(Callback):
         self.trial_time_limit_s = trial_time_limit_s
         self.tracker: SweepTracker | None = None
         self.runs: dict[str, str] = {}
+        self.reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "tracker": None, "runs": {}}
+        return {**self.__dict__, "tracker": None, "runs": {}, "reconciled": False}
 
     def setup(self, **info: Any) -> None:
         self.tracker = SweepTracker(self.tracking_uri, self.sweep_name, self.experiment)
         self.tracker.open_parent(self.sweep_tags, self.sweep_params)
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self.reconciled:
+            self.reconciled = True
+            self.tracker.drop_runs_except({trial.trial_id for trial in trials})
 
     def _run_of(self, trial: Trial) -> str:
         if trial.trial_id not in self.runs:

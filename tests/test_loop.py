@@ -1,0 +1,109 @@
+"""The train loop: resume equals straight training, divergence and collapse stop cleanly, CLI outputs load."""
+
+import json
+
+import pytest
+import torch
+
+from ssl_train.backbones import build_backbone
+from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
+from ssl_train.cli import main
+from ssl_train.config import load_config
+from ssl_train.data import load_splits
+from ssl_train.loop import COLLAPSED, DIVERGED, FINISHED, WorkerContext, train_loop
+from ssl_train.run import load_backbone, train
+
+TINY = [
+    "data.image_size=8", "optim.batch_size=128", "eval.knn_k=20", "backbone.width=8",
+    "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
+    "swav.projector_hidden_dim=64", "swav.projector_out_dim=32",
+]
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_splits(load_config(overrides=TINY).data, 0)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method", ["byol", "swav"])
+def test_crash_then_resume_equals_straight_training(tmp_path, digits8, method):
+    extra = ["swav.queue_length=256", "swav.queue_start_epoch=1", "swav.freeze_prototypes_steps=5"]
+    config = load_config(overrides=[*TINY, f"method={method}", "optim.epochs=4", *extra])
+    straight = train_loop(config, lambda m, c: None, WorkerContext(checkpoint_dir=tmp_path / "a"), splits=digits8)
+
+    def crash_after_two(metrics, _checkpoint):
+        if metrics["epoch"] == 2:
+            raise Crash("simulated failure after epoch 2")
+
+    with pytest.raises(Crash):
+        train_loop(config, crash_after_two, WorkerContext(checkpoint_dir=tmp_path / "b"), splits=digits8)
+    resumed_from = latest_checkpoint(tmp_path / "b")
+    assert resumed_from.name == "epoch_0002"
+    resumed = train_loop(
+        config, lambda m, c: None, WorkerContext(checkpoint_dir=tmp_path / "b"), checkpoint=resumed_from, splits=digits8
+    )
+    assert resumed.restarts == 1 and [m["epoch"] for m in resumed.history] == [1, 2, 3, 4]
+    a = load_checkpoint(straight.checkpoint)["method"]
+    b = load_checkpoint(resumed.checkpoint)["method"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bitwise on CPU
+    assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def test_non_finite_loss_stops_as_diverged(digits8):
+    config = load_config(overrides=[*TINY, "optim.lr=1e12", "optim.optimizer=sgd", "optim.warmup_epochs=0",
+                                    "optim.epochs=5"])
+    reports = []
+    result = train_loop(config, lambda m, c: reports.append((m, c)), splits=digits8)
+    assert result.status == DIVERGED
+    assert reports[-1][0]["status"] == DIVERGED and reports[-1][1] is None  # no checkpoint of NaN weights
+    assert len(reports) < 5
+
+
+def test_collapse_monitor_stops_the_run(digits8):
+    config = load_config(overrides=[*TINY, "optim.epochs=6", "eval.collapse_threshold=0.999",
+                                    "eval.collapse_grace_epochs=1"])
+    result = train_loop(config, lambda m, c: None, splits=digits8)
+    assert result.status == COLLAPSED
+    assert [m["status"] for m in result.history] == ["running", COLLAPSED]
+    assert result.history[-1]["embedding_std"] < 0.999
+
+
+def test_cli_train_writes_loadable_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--output", str(out), *sum((["--set", o] for o in [*TINY, "optim.epochs=2"]), [])])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2" in printed and "knn" in printed and f"{out}/backbone.pt" in printed
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["status"] == FINISHED
+    # Two lines for a user: build the architecture, load the plain state_dict.
+    config = load_config(out / "config.yaml")
+    backbone = build_backbone(config.backbone)
+    backbone.load_state_dict(torch.load(out / "backbone.pt", weights_only=True))
+    loaded = load_backbone(out)
+    x = torch.randn(4, 3, 8, 8)
+    backbone.eval()
+    assert torch.equal(backbone(x), loaded(x))
+
+
+def test_resume_continues_a_run_directory(tmp_path):
+    config = load_config(overrides=[*TINY, "optim.epochs=1", f"output_dir={tmp_path}"])
+    train(config)
+    longer = config.replace({"optim.epochs": 2})
+    summary = train(longer, resume=True)
+    assert [m["epoch"] for m in summary.history] == [1, 2] and summary.restarts == 1
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(config.replace({"output_dir": str(tmp_path / "empty")}), resume=True)
+
+
+def test_bad_config_fails_before_work(capsys):
+    assert main(["train", "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr=-1" in capsys.readouterr().err
+    assert main(["train", "--set", "optim.batch_size=1500"]) == 2
+    assert "only 1257 images" in capsys.readouterr().err
