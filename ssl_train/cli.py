@@ -60,14 +60,33 @@ def format_epoch(metrics: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
     from ssl_train.run import train
+    from tuning.tracking import RunTracker, default_tracking_uri, git_commit
 
     extra = {"output_dir": str(args.output)} if args.output else {}
     config = config_from_args(args, extra)
+    tracker = RunTracker(args.tracking_uri or default_tracking_uri(), args.experiment)
+    tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": c} if (c := git_commit()) else {})}
+    run_id = tracker.create_run(Path(config.output_dir).name, config.flat(), tags)
+
+    def on_epoch(metrics: dict[str, Any]) -> None:
+        print(format_epoch(metrics), flush=True)
+        tracker.log_epoch(run_id, metrics, metrics["epoch"], int(time.time() * 1000))
+
     print(f"training {config.method} on {config.data.source}, {config.optim.epochs} epochs -> {config.output_dir}")
-    summary = train(config, resume=args.resume, on_epoch=lambda m: print(format_epoch(m), flush=True),
-                    show_progress=sys.stderr.isatty(), address=args.address)
-    print(f"status: {summary.status}  restarts: {summary.restarts}")
+    try:
+        summary = train(config, resume=args.resume, on_epoch=on_epoch, show_progress=sys.stderr.isatty(),
+                        address=args.address)
+    except BaseException as error:
+        tracker.end_run(run_id, "failed", f"{type(error).__name__}: {error}"[:500])
+        raise
+    for artifact in (summary.output_dir / "config.yaml", summary.backbone_path):
+        if artifact is not None:
+            tracker.client.log_artifact(run_id, str(artifact))
+    tracker.end_run(run_id, summary.status, f"{len(summary.history)} epochs, {summary.restarts} restarts")
+    print(f"status: {summary.status}  restarts: {summary.restarts}  MLflow run: {run_id}")
     if summary.backbone_path:
         print(f"backbone weights: {summary.backbone_path}")
     if summary.checkpoint:
@@ -175,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.add_argument("--output", type=Path, help="run directory (default: config output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
+    train.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
     train.set_defaults(handler=cmd_train)
 
     tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
@@ -228,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ssl_train.data import DataError
+    from tuning.tracking import TrackingError
     from ssl_train.loop import RunFailedError
 
     try:

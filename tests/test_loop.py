@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
@@ -74,12 +75,18 @@ def test_collapse_monitor_stops_the_run(digits8):
     assert result.history[-1]["embedding_std"] < 0.999
 
 
-def test_cli_train_writes_loadable_outputs(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["train", "--output", str(out), *sum((["--set", o] for o in [*TINY, "optim.epochs=2"]), [])])
+def test_cli_train_writes_loadable_outputs_and_one_mlflow_run(tmp_path, capsys):
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=2"]), [])
+    code = main(["train", "--output", str(out), "--tracking-uri", uri, *overrides])
     assert code == 0
     printed = capsys.readouterr().out
     assert "epoch 2" in printed and "knn" in printed and f"{out}/backbone.pt" in printed
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ssl-tune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optim.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_acc")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "backbone.pt"}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["status"] == FINISHED
     # Two lines for a user: build the architecture, load the plain state_dict.
@@ -102,8 +109,9 @@ def test_resume_continues_a_run_directory(tmp_path):
         train(config.replace({"output_dir": str(tmp_path / "empty")}), resume=True)
 
 
-def test_bad_config_fails_before_work(capsys):
+def test_bad_config_fails_before_work(capsys, tmp_path):
     assert main(["train", "--set", "optim.lr=-1"]) == 2
     assert "optim.lr=-1" in capsys.readouterr().err
-    assert main(["train", "--set", "optim.batch_size=1500"]) == 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--tracking-uri", uri, "--output", str(tmp_path), "--set", "optim.batch_size=1500"]) == 2
     assert "only 1257 images" in capsys.readouterr().err

@@ -75,74 +75,26 @@ def numeric_metrics(values: dict[str, Any]) -> dict[str, float]:
     }
 
 
-class SweepTracker:
-    """Create or find again the runs of one sweep in one MLflow experiment."""
+class RunTracker:
+    """Runs of one MLflow experiment: create, log epochs (each step once), close with a status."""
 
-    def __init__(self, tracking_uri: str, sweep_name: str, experiment: str = DEFAULT_EXPERIMENT) -> None:
+    def __init__(self, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT) -> None:
         check_reachable(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
-        self.sweep_name = sweep_name
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.parent_id: str | None = None
         self._logged_steps: dict[str, dict[str, int]] = {}
 
     def _find(self, filter_string: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=2)
         return runs[0].info.run_id if runs else None
 
-    def open_parent(self, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """The sweep's parent run: reattached on resume, created otherwise."""
-        self.parent_id = self._find(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` = 'sweep'")
-        if self.parent_id is not None:
-            self.client.update_run(self.parent_id, status="RUNNING")
-            return self.parent_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=self.sweep_name,
-            tags={SWEEP_TAG: self.sweep_name, TRIAL_TAG: "sweep", **tags},
-        )
-        self.parent_id = run.info.run_id
-        self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
-        return self.parent_id
-
-    def trial_run(self, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> tuple[str, bool]:
-        """The child run of a trial and whether it is new (a restarted trial keeps its run)."""
-        existing = self._find(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
-        if existing is not None:
-            self.client.update_run(existing, status="RUNNING")
-            return existing, False
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=run_name,
-            tags={
-                MLFLOW_PARENT_RUN_ID: self.parent_id or "",
-                MLFLOW_RUN_NAME: run_name,
-                SWEEP_TAG: self.sweep_name,
-                TRIAL_TAG: trial_id,
-                STATUS_TAG: "running",
-                **tags,
-            },
-        )
+    def create_run(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """A new run holding ``params`` (the full flattened config) and ``tags``."""
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={MLFLOW_RUN_NAME: run_name, **tags})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        return run.info.run_id, True
-
-    def drop_runs_except(self, trial_ids: set[str]) -> list[str]:
-        """Delete child runs of trials Tune does not know (started after its last state save, then a crash).
-
-        Tune re-suggests such a trial under a new id, so keeping its run would show a trial
-        the sweep never finished and does not count. Returns the dropped trial ids.
-        """
-        where = f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` != 'sweep'"
-        dropped = []
-        for run in self.client.search_runs([self.experiment_id], where, max_results=10_000):
-            if run.data.tags[TRIAL_TAG] not in trial_ids:
-                self.client.delete_run(run.info.run_id)
-                dropped.append(run.data.tags[TRIAL_TAG])
-        if dropped:
-            print(f"ssl-tune: removed MLflow runs of {len(dropped)} trial(s) lost in the crash: {', '.join(dropped)}")
-        return dropped
+        return run.info.run_id
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int) -> None:
         """Log one epoch's metrics at ``step``, skipping steps this run already holds (re-run epochs after resume)."""
@@ -164,6 +116,49 @@ class SweepTracker:
         mlflow_status = {"finished": "FINISHED", "pruned": "KILLED", "time_limit": "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(run_id, status=mlflow_status)
 
+
+class SweepTracker(RunTracker):
+    """The runs of one sweep: a parent, and a child per trial found again by its trial id on resume."""
+
+    def __init__(self, tracking_uri: str, sweep_name: str, experiment: str = DEFAULT_EXPERIMENT) -> None:
+        super().__init__(tracking_uri, experiment)
+        self.sweep_name = sweep_name
+        self.parent_id: str | None = None
+
+    def open_parent(self, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """The sweep's parent run: reattached on resume, created otherwise."""
+        self.parent_id = self._find(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` = 'sweep'")
+        if self.parent_id is not None:
+            self.client.update_run(self.parent_id, status="RUNNING")
+            return self.parent_id
+        self.parent_id = self.create_run(self.sweep_name, params, {SWEEP_TAG: self.sweep_name, TRIAL_TAG: "sweep", **tags})
+        return self.parent_id
+
+    def trial_run(self, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> tuple[str, bool]:
+        """The child run of a trial and whether it is new (a restarted trial keeps its run)."""
+        existing = self._find(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
+        if existing is not None:
+            self.client.update_run(existing, status="RUNNING")
+            return existing, False
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_id or "", SWEEP_TAG: self.sweep_name, TRIAL_TAG: trial_id,
+                STATUS_TAG: "running", **tags}
+        return self.create_run(run_name, params, tags), True
+
+    def drop_runs_except(self, trial_ids: set[str]) -> list[str]:
+        """Delete child runs of trials Tune does not know (started after its last state save, then a crash).
+
+        Tune re-suggests such a trial under a new id, so keeping its run would show a trial
+        the sweep never finished and does not count. Returns the dropped trial ids.
+        """
+        where = f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TRIAL_TAG}` != 'sweep'"
+        dropped = []
+        for run in self.client.search_runs([self.experiment_id], where, max_results=10_000):
+            if run.data.tags[TRIAL_TAG] not in trial_ids:
+                self.client.delete_run(run.info.run_id)
+                dropped.append(run.data.tags[TRIAL_TAG])
+        if dropped:
+            print(f"ssl-tune: removed MLflow runs of {len(dropped)} trial(s) lost in the crash: {', '.join(dropped)}")
+        return dropped
 
 class MLflowSweepCallback(Callback):
     """Mirror a Tune sweep into MLflow from the driver: a child run per trial, metrics per epoch, final status.
