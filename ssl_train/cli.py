@@ -62,11 +62,16 @@ def format_epoch(metrics: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
+    from ssl_train.config import check_batch_fits
+    from ssl_train.data import load_splits
     from ssl_train.run import train
     from tuning.tracking import RunTracker, default_tracking_uri, git_commit
 
     extra = {"output_dir": str(args.output)} if args.output else {}
     config = config_from_args(args, extra)
+    splits = load_splits(config.data, config.seed)
+    print(splits.summary())
+    check_batch_fits(config, len(splits.ssl_train))
     tracker = RunTracker(args.tracking_uri or default_tracking_uri(), args.experiment)
     tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": c} if (c := git_commit()) else {})}
     run_id = tracker.create_run(Path(config.output_dir).name, config.flat(), tags)
@@ -78,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {config.method} on {config.data.source}, {config.optim.epochs} epochs -> {config.output_dir}")
     try:
         summary = train(config, resume=args.resume, on_epoch=on_epoch, show_progress=sys.stderr.isatty(),
-                        address=args.address)
+                        address=args.address, splits=splits)
     except BaseException as error:
         tracker.end_run(run_id, "failed", f"{type(error).__name__}: {error}"[:500])
         raise

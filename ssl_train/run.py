@@ -22,6 +22,7 @@ from torch import nn
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import TrainConfig, load_config
+from ssl_train.data import DatasetSplits
 from ssl_train.loop import FINISHED, WorkerContext, build_model, train_loop
 
 BACKBONE_FILE = "backbone.pt"
@@ -68,8 +69,12 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     show_progress: bool = False,
     address: str | None = None,
+    splits: DatasetSplits | None = None,
 ) -> RunSummary:
-    """Train one model with one config; ``resume`` continues from the run directory's last checkpoint."""
+    """Train one model with one config; ``resume`` continues from the run directory's last checkpoint.
+
+    ``splits`` (already loaded data) saves loading it again for an in-process run.
+    """
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     start_from = latest_checkpoint(checkpoint_dir) if resume else None
@@ -94,7 +99,7 @@ def train(
     else:
         device = torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         context = WorkerContext(device=device, checkpoint_dir=checkpoint_dir, show_progress=show_progress)
-        result = train_loop(config, record, context, checkpoint=start_from)
+        result = train_loop(config, record, context, checkpoint=start_from, splits=splits)
         status, history, checkpoint, restarts = result.status, result.history, result.checkpoint, result.restarts
 
     backbone_path = None

@@ -172,6 +172,7 @@ def run_sweep(
 
     check_reachable(tracking_uri)  # before any trial starts
     splits = load_splits(base.data, base.seed)  # bad data fails here, once, not in every trial
+    print(splits.summary())
     ensure_ray(settings.address)
 
     trainable = tune.with_resources(

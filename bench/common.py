@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts: a markdown table and appending a section to RESULTS.md."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def append_section(section: str, results: Path = RESULTS) -> None:
+    """Append a dated section to RESULTS.md (earlier sections are kept as the record)."""
+    previous = results.read_text() if results.exists() else "# Benchmark results\n"
+    results.write_text(previous.rstrip() + "\n\n" + section.strip() + "\n")
