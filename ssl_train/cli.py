@@ -9,6 +9,8 @@ from typing import Any
 
 from ssl_train.config import ConfigError, TrainConfig, load_config, parse_override
 
+DEMO_SWEEP_EPOCHS = 6  # the no-argument sweep: 12 trials on the digits default in under 10 minutes on 2 cores
+
 
 def parse_workers(text: str) -> dict[str, int]:
     """``'2'`` -> 2 fixed workers; ``'1:4'`` -> elastic between 1 and 4."""
@@ -73,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(splits.summary())
     check_batch_fits(config, len(splits.ssl_train))
     tracker = RunTracker(args.tracking_uri or default_tracking_uri(), args.experiment)
-    tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": c} if (c := git_commit()) else {})}
+    commit = git_commit()
+    tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": commit} if commit else {})}
     run_id = tracker.create_run(Path(config.output_dir).name, config.flat(), tags)
 
     def on_epoch(metrics: dict[str, Any]) -> None:
@@ -135,8 +138,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
 
     overrides = list(args.overrides)
-    if args.epochs:
-        overrides.append(f"optim.epochs={args.epochs}")
+    epochs = args.epochs or (None if args.config else DEMO_SWEEP_EPOCHS)
+    if epochs:
+        overrides.append(f"optim.epochs={epochs}")
     for key, value in parse_workers(args.workers).items() if args.workers else ():
         overrides.append(f"{key}={value}")
     if args.gpus_per_worker:
@@ -207,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(tune)
     tune.add_argument("--space", default="byol", help="search space: byol | swav | augment | path/to/space.yaml")
     tune.add_argument("--trials", type=int, default=12, help="number of trials (default 12)")
-    tune.add_argument("--epochs", type=int, help="epochs of a trial that is not pruned (sets optim.epochs)")
+    tune.add_argument("--epochs", type=int, help=f"epochs of a trial that is not pruned (sets optim.epochs; "
+                      f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
     tune.add_argument("--min-epochs", type=int, default=2, help="epochs before ASHA may prune a trial")
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
     tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
@@ -254,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ssl_train.data import DataError
-    from tuning.tracking import TrackingError
     from ssl_train.loop import RunFailedError
+    from tuning.tracking import TrackingError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError) as error:
+    except (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError, TrackingError) as error:
         print(f"ssl-tune: error: {error}", file=sys.stderr)
         return 2
 

@@ -179,7 +179,7 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
-    def replace(self, overrides: dict[str, Any]) -> "TrainConfig":
+    def replace(self, overrides: dict[str, Any]) -> TrainConfig:
         """A new config with ``{dotted.key: value}`` overrides applied and validated."""
         tree = self.to_dict()
         for key, value in overrides.items():
@@ -365,7 +365,8 @@ def validate(c: TrainConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
     _require(o.batch_size >= 2, "optim.batch_size", o.batch_size, "must be >= 2 (BatchNorm needs 2 samples)")
     _require(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
-    _require(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs, f"must lie in [0, optim.epochs={o.epochs}]")
+    _require(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs,
+             f"must lie in [0, optim.epochs={o.epochs}]")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)")
 

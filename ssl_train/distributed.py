@@ -13,13 +13,22 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -145,14 +154,13 @@ def check_capacity(config: TrainConfig, *, may_grow: bool) -> None:
 
 def _failure_message(error: TrainingFailedError, max_failures: int) -> str:
     """One line: which ranks failed with what, after how many restarts."""
-    failures = getattr(error, "worker_failures", None)
-    if failures:
+    if isinstance(error, WorkerGroupError):
         causes = "; ".join(
-            f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}" for rank, cause in sorted(failures.items())
+            f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}"
+            for rank, cause in sorted(error.worker_failures.items())
         )
-    else:
-        causes = f"{type(error).__name__}: {_first_line(error)}"
-    return f"training failed for good (scaling.max_failures={max_failures} restarts used up): {causes}"
+        return f"training failed for good (scaling.max_failures={max_failures} restarts used up): {causes}"
+    return f"training failed: {type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -189,7 +197,9 @@ def fit(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = build_trainer(
-        config, name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage=storage, resume_from=resume_from,
+        # A unique name: Ray resumes a run whose name and storage it finds again.
+        config, name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", storage=storage,
+        resume_from=resume_from,
         progress=progress,
     )
     outcome: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ssl_train.augment import MultiViewDataset, view_recipes
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ssl_train.config import TrainConfig, check_batch_fits
+from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
 from ssl_train.data import DatasetSplits, load_splits
 from ssl_train.evaluate import embedding_std, evaluate_backbone
 from ssl_train.methods import build_method
@@ -113,6 +113,9 @@ def train_loop(
 
     method = build_model(config).to(device)
     if config.scaling.sync_batchnorm and context.world_size > 1:
+        if device.type != "cuda":  # torch's SyncBatchNorm raises on CPU tensors at the first step
+            raise ConfigError(f"scaling.sync_batchnorm=true needs GPU workers, but this worker runs on {device}; "
+                              "set scaling.use_gpu=true on a GPU cluster, or scaling.sync_batchnorm=false")
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if config.optim.channels_last:
         method = method.to(memory_format=torch.channels_last)

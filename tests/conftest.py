@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local multi-node-capable Ray cluster: a 2-CPU head node; tests may add and remove nodes."""

@@ -15,7 +15,8 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
 
 
 def test_dotted_overrides_parse_values_as_yaml(tmp_path):
-    config = load_config(overrides=["optim.lr=0.05", "method=swav", "augment.blur_p=[0.5, 0.5]", "scaling.use_gpu=false"])
+    overrides = ["optim.lr=0.05", "method=swav", "augment.blur_p=[0.5, 0.5]", "scaling.use_gpu=false"]
+    config = load_config(overrides=overrides)
     assert config.optim.lr == 0.05 and isinstance(config.optim.lr, float)
     assert config.method == "swav"
     assert config.augment.blur_p == [0.5, 0.5]

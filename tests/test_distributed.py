@@ -147,24 +147,26 @@ def test_resumed_workers_keep_their_own_random_streams(tmp_path):
 def test_cli_refuses_more_workers_than_the_cluster_holds(ray_cluster, tmp_path, capsys, workers):
     cpus = int(ray.cluster_resources()["CPU"])
     asked = str(cpus + 1) if workers == "too_many" else f"{cpus + 1}:{cpus + 2}"
-    code = main(["train", "--workers", asked, "--output", str(tmp_path), *_settings(TINY)])
+    code = main(["train", "--workers", asked, "--output", str(tmp_path / "run"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *_settings(TINY)])
     assert code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("ssl-tune: error: ")
     assert f"scaling.min_workers={cpus + 1}" in message and f"the Ray cluster has {cpus} CPU" in message
-    assert not (tmp_path / "ray").exists()  # refused before any Ray Train run started
+    assert not (tmp_path / "run" / "ray").exists()  # refused before any Ray Train run started
 
 
 @pytest.mark.slow  # ~30-45 s: a worker group has to start before it can fail
 def test_cli_reports_a_run_that_fails_for_good_in_one_line(ray_cluster, tmp_path, capsys):
-    missing = tmp_path / "no-such-folder"
+    # SyncBatchNorm on CPU workers: every worker raises at its start (a failure only workers can see).
     code = main(["train", "--workers", "2", "--max-failures", "0", "--output", str(tmp_path / "run"),
-                 *_settings([*TINY, "data.source=folder", f"data.path={missing}"])])
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 *_settings([*TINY, "scaling.sync_batchnorm=true"])])
     assert code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-tune: error: ")]
     assert len(lines) == 1
-    assert "training failed for good (scaling.max_failures=0" in lines[0]
-    assert re.search(r"rank [01]: DataError: data.path='.*no-such-folder' does not exist", lines[0])
+    assert "training failed for good (scaling.max_failures=0 restarts used up): rank " in lines[0]
+    assert re.search(r"rank [01]: ConfigError: scaling.sync_batchnorm=true needs GPU workers", lines[0])
 
 
 # ------------------------------------------------------------------------- slow: nodes come and go, workers die

@@ -100,7 +100,7 @@ def test_cli_train_writes_loadable_outputs_and_one_mlflow_run(tmp_path, capsys):
 
 
 def test_resume_continues_a_run_directory(tmp_path):
-    config = load_config(overrides=[*TINY, "optim.epochs=1", f"output_dir={tmp_path}"])
+    config = load_config(overrides=[*TINY, "optim.epochs=1", "optim.warmup_epochs=0", f"output_dir={tmp_path}"])
     train(config)
     longer = config.replace({"optim.epochs": 2})
     summary = train(longer, resume=True)

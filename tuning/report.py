@@ -158,7 +158,7 @@ def write_plots(report: SweepReport, folder: str | Path, top: int = 5) -> list[P
         points = report.curves.get(run_id, [])
         if points:
             trial = report.table.set_index("run_id").loc[run_id, "trial"]
-            ax.plot(*zip(*points), marker="o", label=trial)
+            ax.plot(*zip(*points, strict=True), marker="o", label=trial)
     ax.set(xlabel="epoch", ylabel="kNN accuracy", title=f"kNN accuracy of the top {top} trials")
     ax.legend(fontsize=7)
     written.append(_save(fig, folder / "knn_curves_top.png"))

@@ -164,7 +164,9 @@ def run_sweep(
     base = settings.base_config()
     space = load_space(settings.space, base)
     if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
-        raise ConfigError(f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random, asha|none")
+        raise ConfigError(
+            f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
+        )
     path = sweep_path(settings)
     tracking_uri = settings.tracking_uri = settings.tracking_uri or default_tracking_uri()
 

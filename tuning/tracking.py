@@ -131,7 +131,8 @@ class SweepTracker(RunTracker):
         if self.parent_id is not None:
             self.client.update_run(self.parent_id, status="RUNNING")
             return self.parent_id
-        self.parent_id = self.create_run(self.sweep_name, params, {SWEEP_TAG: self.sweep_name, TRIAL_TAG: "sweep", **tags})
+        tags = {SWEEP_TAG: self.sweep_name, TRIAL_TAG: "sweep", **tags}
+        self.parent_id = self.create_run(self.sweep_name, params, tags)
         return self.parent_id
 
     def trial_run(self, trial_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> tuple[str, bool]:
