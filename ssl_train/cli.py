@@ -138,7 +138,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
 
     overrides = list(args.overrides)
-    epochs = args.epochs or (None if args.config else DEMO_SWEEP_EPOCHS)
+    sets_epochs = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in overrides)
+    epochs = args.epochs or (None if args.config or sets_epochs else DEMO_SWEEP_EPOCHS)
     if epochs:
         overrides.append(f"optim.epochs={epochs}")
     for key, value in parse_workers(args.workers).items() if args.workers else ():

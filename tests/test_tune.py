@@ -20,7 +20,7 @@ from tuning.sweep import SweepSettings, finish_sweep, run_sweep
 from tuning.tracking import STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
 
 TINY = [
-    "data.image_size=8", "optim.batch_size=128", "eval.knn_k=20", "backbone.width=8",
+    "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
     "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
 ]
 
