@@ -42,8 +42,8 @@ class SwAVConfig:
     """SwAV (Caron et al. 2020). Paper: 3000 prototypes, 128-d, eps 0.05, 3 iterations."""
 
     projector_hidden_dim: int = 512
-    projector_out_dim: int = 64
-    num_prototypes: int = 30
+    projector_out_dim: int = 32
+    num_prototypes: int = 100
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
@@ -68,7 +68,7 @@ class OptimConfig:
     optimizer: Literal["sgd", "lars", "adamw"] = "adamw"
     lr: float = 2e-3
     scale_lr_by_batch: bool = False
-    batch_size: int = 128
+    batch_size: int = 64
     epochs: int = 20
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
@@ -87,7 +87,7 @@ class AugmentConfig:
     """
 
     strength: float = 1.0
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip_p: float = 0.5
     jitter_p: Optional[float] = None
@@ -101,7 +101,7 @@ class AugmentConfig:
     num_local_crops: int = 0
     local_crop_size: Optional[int] = None
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
-    global_crop_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,32 +37,57 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class MlflowServer:
+    """A real ``mlflow server`` process on 127.0.0.1 with an sqlite store under ``root``; stop and start it again."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        with open(self.root / "server.log", "a") as log:
+            self.process = subprocess.Popen(  # its own process group: stop() ends the server's workers too
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+            )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+            self.process = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` bound to 127.0.0.1 with an sqlite store; yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError(f"mlflow server did not start: {Path(root / 'server.log').read_text()[-2000:]}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    """An ``MlflowServer`` of this test's own (started), which the test may stop and start again."""
+    root = tmp_path / "mlflow-server"
+    root.mkdir()
+    server = MlflowServer(root)
+    server.start()
+    yield server
+    server.stop()

@@ -1,7 +1,11 @@
 """The typed config: YAML round trip, dotted overrides, and clear errors before any work."""
 
+import dataclasses
+
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ssl_train.cli import parse_workers
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits, load_config, parse_override
@@ -96,3 +100,47 @@ def test_workers_flag():
         parse_workers("two")
     with pytest.raises(ConfigError, match="scaling.max_workers"):
         load_config(overrides=parse_workers("3:2"))
+
+
+# ---------------------------------------------------- property: accepted, or a ConfigError naming file and key
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.type)}
+PLAUSIBLE = st.sampled_from(["byol", "swav", "simclr", "sgd", "resnet18", 0, 1, 2, 8, 32, 64, 0.0, 0.5, 0.99, 1e-3,
+                             -1.0, [0.2, 1.0], [1.0, 0.2], [0.5], [0.5, 0.5]])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(), st.text(max_size=5), PLAUSIBLE)
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3))
+
+
+def section_document(name: str) -> st.SearchStrategy:
+    keys = st.sampled_from([f.name for f in dataclasses.fields(SECTIONS[name])] + ["typo", ""])
+    return st.one_of(st.dictionaries(keys, VALUES, max_size=4), SCALARS)
+
+
+TOP_KEYS = st.sampled_from([*SECTIONS, "method", "seed", "output_dir", "optimm", "lr"])
+DOCUMENTS = st.one_of(
+    st.lists(TOP_KEYS, max_size=4, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: section_document(k) if k in SECTIONS else VALUES for k in keys})
+    ),
+    SCALARS,
+)
+KNOWN_NAMES = {*TrainConfig().flat(), *SECTIONS, "config"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=DOCUMENTS)
+def test_any_config_file_is_accepted_or_raises_config_error_naming_file_and_key(tmp_path_factory, document):
+    path = tmp_path_factory.mktemp("hyp") / "generated.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        message = str(error)
+        assert message.startswith(f"{path}: "), message
+        named = set(KNOWN_NAMES)
+        if isinstance(document, dict):
+            named |= {str(k) for k in document} | {
+                f"{k}.{inner}" for k, v in document.items() if isinstance(v, dict) for inner in v
+            }
+        assert any(name and name in message for name in named), message
+        return
+    assert load_config(config.save(path)) == config  # what is accepted is a valid, savable config

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ssl_train.cli import main
-from ssl_train.config import load_config
+from ssl_train.config import ConfigError, load_config
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep
 from tuning.tracking import STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
@@ -112,6 +112,26 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_trials_larger_than_the_cluster_fail_before_any_trial(ray_cluster, tmp_path):
+    settings = SweepSettings(overrides=[*TINY, "scaling.cpus_per_worker=64"], name="huge", storage=str(tmp_path),
+                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"scaling.cpus_per_worker=64.*the Ray cluster has \d+ CPU"):
+        run_sweep(settings)
+    assert not (tmp_path / "huge").exists()
+
+
+def test_time_budget_ends_the_sweep_with_a_report(ray_cluster, tmp_path, space_file):
+    settings = SweepSettings(
+        space=str(space_file), overrides=[*TINY, "optim.epochs=2"], trials=200, min_epochs=1, concurrency=1,
+        name="budget", storage=str(tmp_path / "sweeps"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="ssl-tune-test", time_budget_s=20,
+    )
+    results = run_sweep(settings)
+    assert 1 <= len(results) < 200  # the budget, not the trial count, ended it
+    outcome = finish_sweep(settings, results)
+    assert outcome.best_config_path.exists() and "objective" in outcome.table_text
+
+
 def _sweep_command(tmp_path: Path, address: str, *extra: str) -> list[str]:
     overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=2"]), [])
     return [
@@ -187,3 +207,52 @@ def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_
     assert (tmp_path / "plots" / "objective_vs_trial.png").stat().st_size > 1000
     best = yaml.safe_load((tmp_path / "sweeps" / "small" / "best_config.yaml").read_text())
     assert best["method"] == "byol"
+
+
+def _wait_until(condition, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(1)
+
+
+def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable_mlflow_server, tmp_path):
+    server = restartable_mlflow_server
+    overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=8"]), [])
+    command = [
+        sys.executable, "-m", "ssl_train.cli", "tune", "--trials", "2", "--concurrency", "1", "--searcher", "random",
+        "--scheduler", "none", "--storage", str(tmp_path / "sweeps"), "--tracking-uri", server.url, "--experiment",
+        "ssl-tune-test", "--address", ray_cluster.address, "--name", "outage", *overrides,
+    ]
+    store = MlflowClient(f"sqlite:///{server.root / 'mlflow.db'}")  # the server's own store, read directly
+
+    def first_epoch_logged() -> bool:
+        return bool(store.get_experiment_by_name("ssl-tune-test")) and any(
+            r.data.metrics.get("epoch", 0) >= 1 for r in children(store, "outage")
+        )
+
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        sweep = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_until(first_epoch_logged, "the first epoch is in MLflow")
+            server.stop()  # mid-sweep: the first trial is training
+            _wait_until(lambda: "unreachable (" in log_path.read_text() or sweep.poll() is not None, "the outage shows")
+            time.sleep(5)
+            server.start()
+            assert sweep.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+        finally:
+            sweep.kill()
+
+    printed = log_path.read_text()
+    warnings = [line for line in printed.splitlines() if "unreachable (" in line]
+    assert 1 <= len(warnings) <= 2, warnings  # once per trial, not once per failed call
+    assert "reachable again" in printed
+    runs = children(store, "outage")
+    assert len(runs) == 2
+    for run in runs:  # every epoch of every trial reached MLflow, once
+        history = store.get_metric_history(run.info.run_id, "epoch")
+        assert sorted(m.step for m in history) == list(range(1, 9))
+        assert run.data.tags[STATUS_TAG] == "finished" and run.info.status == "FINISHED"

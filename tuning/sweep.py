@@ -28,7 +28,7 @@ from search_spaces import SearchSpace, load_space
 from ssl_train.augment import save_preview
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
-from ssl_train.distributed import ensure_ray
+from ssl_train.distributed import check_capacity, ensure_ray
 from tuning.tracking import DEFAULT_EXPERIMENT, DEFAULT_TAG, MLflowSweepCallback, default_tracking_uri, git_commit
 from tuning.trial import OBJECTIVE, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial_config
 
@@ -176,6 +176,7 @@ def run_sweep(
     splits = load_splits(base.data, base.seed)  # bad data fails here, once, not in every trial
     print(splits.summary())
     ensure_ray(settings.address)
+    check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config=base.to_dict(), objective=settings.objective, splits=splits),
@@ -299,9 +300,16 @@ def finish_sweep(settings: SweepSettings, results: tune.ResultGrid) -> SweepOutc
     """After the last trial: best config YAML, tables and plots on the parent run, weights of the top trials."""
     from ssl_train.run import export_backbone
     from tuning.report import format_table, load_report, write_plots, write_tables
-    from tuning.tracking import SweepTracker
+    from tuning.tracking import SweepTracker, TrackingError, check_reachable
 
     path = sweep_path(settings)
+    try:
+        check_reachable(settings.tracking_uri)
+    except TrackingError as error:
+        raise TrackingError(
+            f"{error}. The sweep's results are kept in {path}; once the server is back, "
+            f"`ssl-tune tune --resume {settings.name}` logs what is missing and writes the report"
+        ) from None
     report = load_report(settings.tracking_uri, settings.name, settings.experiment)
     if report.table.empty:
         raise RuntimeError(f"sweep {settings.name} has no trials in MLflow")

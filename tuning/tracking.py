@@ -8,14 +8,18 @@ parent and children again by tag instead of creating new ones.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
@@ -27,6 +31,8 @@ STATUS_TAG = "ssl_tune.status"
 REASON_TAG = "ssl_tune.reason"
 DEFAULT_TAG = "ssl_tune.is_default_config"
 DEFAULT_EXPERIMENT = "ssl-tune"
+# What a tracking server that went away raises through MlflowClient (connection refused, timeouts, 5xx).
+TRACKING_FAILURES = (MlflowException, requests.RequestException, OSError)
 
 
 class TrackingError(RuntimeError):
@@ -164,8 +170,11 @@ class SweepTracker(RunTracker):
 class MLflowSweepCallback(Callback):
     """Mirror a Tune sweep into MLflow from the driver: a child run per trial, metrics per epoch, final status.
 
-    The MLflow client is made in ``setup`` (not pickled with the experiment state), so a
-    restored sweep reconnects and reattaches to its parent and child runs.
+    Every write goes through a queue of plain records (``start``, ``epoch``, ``end``). When the
+    tracking server goes away, trials keep training, the failure is printed once per trial, and
+    the queue is retried every ``retry_s`` seconds and at the sweep's end; it is saved with Tune's
+    experiment state (``get_state``), so a sweep that stops first logs it on ``--resume``. The
+    MLflow client is made in ``setup`` (not pickled), so a restored sweep reattaches to its runs.
     """
 
     def __init__(
@@ -177,6 +186,8 @@ class MLflowSweepCallback(Callback):
         sweep_tags: dict[str, str],
         sweep_params: dict[str, Any],
         trial_time_limit_s: float | None = None,
+        retry_s: float = 15.0,
+        final_wait_s: float = 60.0,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.sweep_name = sweep_name
@@ -185,46 +196,127 @@ class MLflowSweepCallback(Callback):
         self.sweep_tags = sweep_tags
         self.sweep_params = sweep_params
         self.trial_time_limit_s = trial_time_limit_s
+        self.retry_s = retry_s
+        self.final_wait_s = final_wait_s
         self.tracker: SweepTracker | None = None
         self.runs: dict[str, str] = {}
         self.reconciled = False
+        self.pending: list[dict[str, Any]] = []  # records not yet in MLflow, oldest first
+        self.unreachable_since: float | None = None
+        self.warned: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "tracker": None, "runs": {}, "reconciled": False}
+        return {**self.__dict__, "tracker": None, "runs": {}, "reconciled": False, "pending": [],
+                "unreachable_since": None, "warned": set()}
+
+    def get_state(self) -> dict[str, Any] | None:
+        return {"pending": list(self.pending)} if self.pending else None
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.pending = list(state.get("pending", [])) + self.pending
 
     def setup(self, **info: Any) -> None:
+        # One quick retry, not MLflow's default minutes of back-off: an outage must not stall the sweep's driver.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracker = SweepTracker(self.tracking_uri, self.sweep_name, self.experiment)
         self.tracker.open_parent(self.sweep_tags, self.sweep_params)
+        self._flush(force=True)
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if not self.reconciled:
             self.reconciled = True
             self.tracker.drop_runs_except({trial.trial_id for trial in trials})
-
-    def _run_of(self, trial: Trial) -> str:
-        if trial.trial_id not in self.runs:
-            params, tags, artifacts = self.describe_trial(trial)
-            run_id, new = self.tracker.trial_run(trial.trial_id, f"trial-{trial.trial_id}", params, tags)
-            if new:
-                for path in artifacts:
-                    self.tracker.client.log_artifact(run_id, str(path))
-            self.runs[trial.trial_id] = run_id
-        return self.runs[trial.trial_id]
+        self._flush()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._run_of(trial)
+        if trial.trial_id not in self.runs and not any(r["trial"] == trial.trial_id for r in self.pending):
+            params, tags, artifacts = self.describe_trial(trial)
+            self._write({"op": "start", "trial": trial.trial_id, "params": params, "tags": tags,
+                         "artifacts": [str(path) for path in artifacts]})
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self.on_trial_start(iteration, trials, trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_epoch(self._run_of(trial), result, step, int(result.get("timestamp", 0) * 1000))
+        self._write({"op": "epoch", "trial": trial.trial_id, "metrics": numeric_metrics(result), "step": step,
+                     "timestamp_ms": int(result.get("timestamp", 0) * 1000)})
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.on_trial_start(iteration, trials, trial)
         status, reason = trial_outcome(trial.last_result or {}, self.trial_time_limit_s)
-        self.tracker.end_run(self._run_of(trial), status, reason)
+        self._write({"op": "end", "trial": trial.trial_id, "status": status, "reason": reason})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.on_trial_start(iteration, trials, trial)
         error = getattr(trial, "error_file", None) or "see the trial's error.txt in the sweep directory"
-        self.tracker.end_run(self._run_of(trial), "failed", f"trial raised an error: {error}")
+        self._write({"op": "end", "trial": trial.trial_id, "status": "failed",
+                     "reason": f"trial raised an error: {error}"})
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        deadline = time.monotonic() + self.final_wait_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(min(5.0, self.retry_s))
+            self._flush(force=True)
+        if self.pending:
+            print(f"ssl-tune: {len(self.pending)} MLflow record(s) of this sweep are not logged: {self.tracking_uri} "
+                  f"is still unreachable. They are kept with the sweep's state; once the server is back, "
+                  f"`ssl-tune tune --resume {self.sweep_name}` logs them.", flush=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.pending.append(record)
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        """Log the queued records in order; on a connection failure keep them and try again later."""
+        if self.tracker is None or not self.pending:
+            return
+        waiting = self.unreachable_since is not None and time.monotonic() - self.unreachable_since < self.retry_s
+        if waiting and not force:
+            return
+        while self.pending:
+            record = self.pending[0]
+            try:
+                self._log(record)
+            except TRACKING_FAILURES as error:
+                if not self._server_down():
+                    raise  # the server answers: a real error (bad value, permissions), not an outage
+                self._report_outage(error)
+                return
+            self.pending.pop(0)
+        if self.unreachable_since is not None:
+            print(f"ssl-tune: MLflow at {self.tracking_uri} is reachable again; queued records logged.", flush=True)
+            self.unreachable_since, self.warned = None, set()
+
+    def _server_down(self) -> bool:
+        try:
+            check_reachable(self.tracking_uri)
+        except TrackingError:
+            return True
+        return False
+
+    def _report_outage(self, error: Exception) -> None:
+        """Say once per trial, not once per failed call, that its logging waits for the server."""
+        self.unreachable_since = time.monotonic()
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        for trial_id in dict.fromkeys(r["trial"] for r in self.pending):
+            if trial_id not in self.warned:
+                self.warned.add(trial_id)
+                print(f"ssl-tune: MLflow at {self.tracking_uri} unreachable ({first_line}); trial {trial_id} keeps "
+                      f"training and its logging is queued, retried every {self.retry_s:.0f} s", flush=True)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        trial_id = record["trial"]
+        if record["op"] == "start" or trial_id not in self.runs:
+            start = record if record["op"] == "start" else {"params": {}, "tags": {}, "artifacts": []}
+            run_id, new = self.tracker.trial_run(trial_id, f"trial-{trial_id}", start["params"], start["tags"])
+            if new:
+                for path in start["artifacts"]:
+                    self.tracker.client.log_artifact(run_id, path)
+            self.runs[trial_id] = run_id
+        if record["op"] == "epoch":
+            self.tracker.log_epoch(self.runs[trial_id], record["metrics"], record["step"], record["timestamp_ms"])
+        elif record["op"] == "end":
+            self.tracker.end_run(self.runs[trial_id], record["status"], record["reason"])
 
 
 def trial_outcome(last_result: dict[str, Any], time_limit_s: float | None) -> tuple[str, str]:
