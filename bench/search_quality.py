@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--random-trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period in epochs (ssl-tune's --min-epochs)")
     args = parser.parse_args()
 
     ray.init(num_cpus=2)
@@ -65,7 +66,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         common = dict(overrides=overrides, concurrency=1, seed=seed, storage=str(workdir / "sweeps"),
-                      tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", experiment="bench", min_epochs=1)
+                      tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", experiment="bench", min_epochs=args.grace)
         random_curve, random_wall, random_train = sweep_curve(
             SweepSettings(name=f"random-{seed}", searcher="random", scheduler="none", trials=args.random_trials,
                           **common))
@@ -94,7 +95,8 @@ def main() -> None:
         "",
         f"Machine: 2-core dev machine, {machine()}, ray {ray.__version__}. Digits at 16x16, small CNN width 16, "
         f"{args.epochs} epochs per full trial, one trial at a time; random: {args.random_trials} trials without "
-        f"early stopping; TPE (multivariate) + ASHA (grace 1, reduction 2): {2 * args.random_trials} trials.",
+        f"early stopping; TPE (multivariate) + ASHA (grace {args.grace}, reduction 2): "
+        f"{2 * args.random_trials} trials.",
         "",
         markdown_table(table),
         "",

@@ -23,7 +23,8 @@ RATIO = (3 / 4, 4 / 3)
 
 
 def recipes(**augment):
-    return view_recipes(from_dict({"augment": augment}))
+    """BYOL's views with the paper's crop (the default crop is milder, 0.4-1)."""
+    return view_recipes(from_dict({"augment": {"crop_scale": [0.08, 1.0], **augment}}))
 
 
 def identity_recipe(size=16, **changes):
@@ -81,7 +82,7 @@ def test_per_op_override_beats_strength():
 
 
 def test_swav_multi_crop_gives_two_global_and_v_local_views():
-    config = from_dict({"method": "swav", "augment": {"num_local_crops": 4}})
+    config = from_dict({"method": "swav", "augment": {"num_local_crops": 4, "global_crop_scale": [0.14, 1.0]}})
     views = view_recipes(config)
     assert [v.size for v in views] == [32, 32, 14, 14, 14, 14]  # round(32 * 96 / 224) = 14
     assert [v.crop_scale for v in views] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from ssl_train.cli import main
 from ssl_train.config import ConfigError, load_config
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep
-from tuning.tracking import STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
+from tuning.tracking import REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
 
 TINY = [
     "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
@@ -110,6 +111,59 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
         run_sweep(settings)
     assert not (tmp_path / "never").exists()
     assert time.monotonic() - started < 60
+
+
+def test_collapsing_trial_is_stopped_and_recorded_as_collapsed(ray_cluster, tmp_path, space_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = SweepSettings(  # a threshold above these runs' embedding std (~0.8): the trial reads as collapsed
+        space=str(space_file), overrides=[*TINY, "optim.epochs=4", "optim.lr=0.05", "eval.collapse_threshold=0.99",
+                                          "eval.collapse_grace_epochs=1"],
+        trials=1, min_epochs=4, name="collapse", storage=str(tmp_path / "sweeps"), tracking_uri=uri,
+        experiment="ssl-tune-test",
+    )
+    results = run_sweep(settings)
+    assert results[0].metrics["status"] == "collapsed" and results[0].metrics["objective"] == 0.0
+    (run,) = children(MlflowClient(uri), "collapse")
+    assert run.data.tags[STATUS_TAG] == "collapsed" and "embedding std" in run.data.tags[REASON_TAG]
+    assert run.data.metrics["epoch"] == 2  # stopped after the grace epoch, not trained to 4
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_ui_binds_to_loopback_by_default(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "ssl_train.cli", "ui", "--port", str(port), "--tracking-uri",
+               f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_until(lambda: _accepts("127.0.0.1", port) or ui.poll() is not None, "the MLflow UI listens", 120)
+        assert _accepts("127.0.0.1", port)
+        outside = _non_loopback_address()
+        if outside is not None:
+            assert not _accepts(outside, port)  # not reachable from the network
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        printed = ui.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}" in printed
 
 
 def test_trials_larger_than_the_cluster_fail_before_any_trial(ray_cluster, tmp_path):
