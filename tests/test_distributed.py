@@ -24,8 +24,9 @@ from test_loop import TINY
 
 from ssl_train.checkpoint import load_checkpoint
 from ssl_train.cli import main
-from ssl_train.config import load_config
+from ssl_train.config import ConfigError, load_config
 from ssl_train.data import load_splits
+from ssl_train.distributed import check_capacity
 from ssl_train.loop import FINISHED, WorkerContext, build_model, train_loop
 from ssl_train.run import train
 from ssl_train.sharding import GlobalBatchSampler, local_batch_sizes
@@ -277,3 +278,14 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     assert len(before_kill) >= seen["epoch"] - 1 >= 2
     assert all(m["restarts"] >= 1 for m in history[len(before_kill) :])
     assert all(math.isfinite(m["knn_acc"]) for m in history) and history[-1]["loss"] < history[0]["loss"]
+
+
+def test_more_workers_than_the_cluster_is_an_error_or_a_wait_with_a_message(ray_cluster, capsys):
+    config = load_config(overrides=[*TINY, "scaling.min_workers=2", "scaling.max_workers=2",
+                                    "scaling.cpus_per_worker=64"])
+    with pytest.raises(ConfigError, match=r"scaling.min_workers=2 workers x scaling.cpus_per_worker=64 need 128 CPU"):
+        check_capacity(config, may_grow=False)  # a cluster of our own: it will not grow, so say so now
+    check_capacity(config, may_grow=True)  # a joined cluster may autoscale: wait, and say why
+    assert "waiting for nodes to join" in capsys.readouterr().err
+    fits = load_config(overrides=[*TINY, "scaling.min_workers=2", "scaling.max_workers=2"])
+    check_capacity(fits, may_grow=False)
