@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://host:10001")
 
 
-def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
-    overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
-    if args.workers:
-        overrides.update(parse_workers(args.workers))
+def scaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--workers``, ``--gpus-per-worker`` and ``--max-failures`` as dotted config overrides."""
+    overrides: dict[str, Any] = parse_workers(args.workers) if args.workers else {}
     if args.gpus_per_worker:
         overrides.update({"scaling.use_gpu": True, "scaling.gpus_per_worker": args.gpus_per_worker})
     if args.max_failures is not None:
         overrides["scaling.max_failures"] = args.max_failures
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
+    overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
+    overrides.update(scaling_overrides(args))
     if args.storage:
         overrides["scaling.storage"] = args.storage
     overrides.update(extra or {})
@@ -138,16 +144,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
 
     overrides = list(args.overrides)
-    sets_epochs = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in overrides)
+    sets_epochs = any(parse_override(text)[0] == "optim.epochs" for text in overrides)
     epochs = args.epochs or (None if args.config or sets_epochs else DEMO_SWEEP_EPOCHS)
     if epochs:
         overrides.append(f"optim.epochs={epochs}")
-    for key, value in parse_workers(args.workers).items() if args.workers else ():
-        overrides.append(f"{key}={value}")
-    if args.gpus_per_worker:
-        overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_worker}"]
-    if args.max_failures is not None:
-        overrides.append(f"scaling.max_failures={args.max_failures}")
+    overrides += [f"{key}={json.dumps(value)}" for key, value in scaling_overrides(args).items()]
     settings = SweepSettings(
         space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
         trials=args.trials, min_epochs=args.min_epochs, concurrency=args.concurrency, searcher=args.searcher,

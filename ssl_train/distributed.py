@@ -57,18 +57,21 @@ def _worker_resources(config: TrainConfig) -> dict[str, float]:
     return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
+def checkpoint_state(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    """The train-loop state inside a Ray checkpoint (Train's or Tune's), or None when there is none."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_checkpoint(directory)
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: the train loop with Ray's context, reporter and checkpoint."""
     config = from_dict(loop_config["config"])
     context = ray.train.get_context()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-    elif loop_config.get("resume_from"):
+    state = checkpoint_state(ray.train.get_checkpoint())
+    if state is None and loop_config.get("resume_from"):
         state = load_checkpoint(loop_config["resume_from"])
-    else:
-        state = None
 
     rank = context.get_world_rank()
     progress: Queue | None = loop_config.get("progress")
@@ -224,9 +227,7 @@ def fit(
         raise error
     result = outcome["result"]
     summary = result.return_value or {}
-    local = None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
+    local, state = None, checkpoint_state(result.checkpoint)
+    if state is not None:
         local = save_checkpoint(state, output_dir / "checkpoints", int(state["epoch"]))
     return summary.get("status", "failed"), summary.get("history", []), local, summary.get("restarts", 0)

@@ -53,6 +53,11 @@ class WorkerContext:
         return self.rank == 0
 
 
+def in_process_device(config: TrainConfig) -> torch.device:
+    """The device of a run that trains in this process: the GPU when asked for and present, else the CPU."""
+    return torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+
+
 class RunFailedError(RuntimeError):
     """A run stopped for good: its worker group failed more often than ``scaling.max_failures`` allows."""
 

@@ -23,7 +23,7 @@ from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits
-from ssl_train.loop import FINISHED, WorkerContext, build_model, train_loop
+from ssl_train.loop import FINISHED, WorkerContext, build_model, in_process_device, train_loop
 
 BACKBONE_FILE = "backbone.pt"
 
@@ -97,8 +97,9 @@ def train(
 
         status, history, checkpoint, restarts = fit(config, record, resume_from=start_from, address=address)
     else:
-        device = torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-        context = WorkerContext(device=device, checkpoint_dir=checkpoint_dir, show_progress=show_progress)
+        context = WorkerContext(
+            device=in_process_device(config), checkpoint_dir=checkpoint_dir, show_progress=show_progress
+        )
         result = train_loop(config, record, context, checkpoint=start_from, splits=splits)
         status, history, checkpoint, restarts = result.status, result.history, result.checkpoint, result.restarts
 

@@ -37,6 +37,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    return _free_port()
+
+
 class MlflowServer:
     """A real ``mlflow server`` process on 127.0.0.1 with an sqlite store under ``root``; stop and start it again."""
 

@@ -147,10 +147,8 @@ def _accepts(host: str, port: int) -> bool:
     return True
 
 
-def test_ui_binds_to_loopback_by_default(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_ui_binds_to_loopback_by_default(tmp_path, free_port):
+    port = free_port
     command = [sys.executable, "-m", "ssl_train.cli", "ui", "--port", str(port), "--tracking-uri",
                f"sqlite:///{tmp_path / 'mlflow.db'}"]
     ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -195,16 +193,23 @@ def _sweep_command(tmp_path: Path, address: str, *extra: str) -> list[str]:
     ]
 
 
+def _wait_until(condition, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(1)
+
+
 def _wait_for_finished_trials(db: Path, sweep: str, count: int, timeout_s: float = 300) -> None:
     client = MlflowClient(f"sqlite:///{db}")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if db.exists() and client.get_experiment_by_name("ssl-tune-test"):
-            done = [r for r in children(client, sweep) if r.data.tags.get(STATUS_TAG) == "finished"]
-            if len(done) >= count:
-                return
-        time.sleep(2)
-    raise AssertionError(f"{count} trials did not finish in {timeout_s} s")
+
+    def finished() -> bool:
+        if not (db.exists() and client.get_experiment_by_name("ssl-tune-test")):
+            return False
+        return sum(r.data.tags.get(STATUS_TAG) == "finished" for r in children(client, sweep)) >= count
+
+    _wait_until(finished, f"{count} trials finished", timeout_s)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
@@ -261,14 +266,6 @@ def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_
     assert (tmp_path / "plots" / "objective_vs_trial.png").stat().st_size > 1000
     best = yaml.safe_load((tmp_path / "sweeps" / "small" / "best_config.yaml").read_text())
     assert best["method"] == "byol"
-
-
-def _wait_until(condition, what: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(1)
 
 
 def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable_mlflow_server, tmp_path):

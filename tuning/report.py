@@ -22,7 +22,7 @@ import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search_spaces import Param, SearchSpace, load_space  # noqa: E402
-from ssl_train.config import TrainConfig, from_dict  # noqa: E402
+from ssl_train.config import TrainConfig  # noqa: E402
 from tuning.tracking import DEFAULT_EXPERIMENT, DEFAULT_TAG, REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG  # noqa: E402
 from tuning.trial import OBJECTIVE  # noqa: E402
 
@@ -50,15 +50,10 @@ class SweepReport:
         return None if rows.empty else rows.iloc[0]
 
 
-def _unflatten(flat: dict[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, text in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text) if text != "None" else None
-    return tree
+def config_from_params(params: dict[str, str]) -> TrainConfig:
+    """A trial's config from its MLflow params (the flattened config, every value as text)."""
+    values = {key: None if text == "None" else yaml.safe_load(text) for key, text in params.items()}
+    return TrainConfig().replace(values)
 
 
 def find_parent(client: MlflowClient, experiment_id: str, sweep: str | None) -> Any:
@@ -84,7 +79,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     rows, configs, curves = [], {}, {}
     for run in children:
         run_id = run.info.run_id
-        configs[run_id] = from_dict(_unflatten(run.data.params))
+        configs[run_id] = config_from_params(run.data.params)
         history = client.get_metric_history(run_id, "knn_acc")
         curves[run_id] = sorted((m.step, m.value) for m in history)
         flat = configs[run_id].flat()

@@ -300,11 +300,11 @@ def finish_sweep(settings: SweepSettings, results: tune.ResultGrid) -> SweepOutc
     """After the last trial: best config YAML, tables and plots on the parent run, weights of the top trials."""
     from ssl_train.run import export_backbone
     from tuning.report import format_table, load_report, write_plots, write_tables
-    from tuning.tracking import SweepTracker, TrackingError, check_reachable
+    from tuning.tracking import SweepTracker, TrackingError
 
     path = sweep_path(settings)
     try:
-        check_reachable(settings.tracking_uri)
+        tracker = SweepTracker(settings.tracking_uri, settings.name, settings.experiment)  # checks the server
     except TrackingError as error:
         raise TrackingError(
             f"{error}. The sweep's results are kept in {path}; once the server is back, "
@@ -313,7 +313,6 @@ def finish_sweep(settings: SweepSettings, results: tune.ResultGrid) -> SweepOutc
     report = load_report(settings.tracking_uri, settings.name, settings.experiment)
     if report.table.empty:
         raise RuntimeError(f"sweep {settings.name} has no trials in MLflow")
-    tracker = SweepTracker(settings.tracking_uri, settings.name, settings.experiment)
     tracker.parent_id = report.parent_id
     client = tracker.client
 

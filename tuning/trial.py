@@ -14,14 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray import tune
 from ray.train import Checkpoint
 
-from ssl_train.checkpoint import load_checkpoint
 from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
-from ssl_train.loop import COLLAPSED, DIVERGED, WorkerContext, train_loop
+from ssl_train.distributed import build_trainer, checkpoint_state
+from ssl_train.loop import COLLAPSED, DIVERGED, WorkerContext, in_process_device, train_loop
 
 OBJECTIVE = "objective"
 TRIAL_CPU_WHEN_DISTRIBUTED = 0.01  # the trial only waits on its TorchTrainer; 0 is rejected by Tune
@@ -58,22 +57,15 @@ def run_trial(
         result = {**metrics, OBJECTIVE: last["objective"]}
         tune.report(result, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-    device = torch.device("cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    state = checkpoint_state(tune.get_checkpoint())
     with tempfile.TemporaryDirectory(prefix="ssl-tune-trial-") as staging:
-        context = WorkerContext(device=device, checkpoint_dir=Path(staging))
+        context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging))
         train_loop(config, report, context, checkpoint=state, splits=splits)
 
 
 def _run_distributed(config: TrainConfig, objective: str, trial_dir: str) -> None:
     """A multi-worker trial: a TorchTrainer whose reports reach Tune through TuneReportCallback."""
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ssl_train.distributed import build_trainer
 
     class ObjectiveReport(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001 - Ray's signature
