@@ -79,7 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args, extra)
     splits = load_splits(config.data, config.seed)
     print(splits.summary())
-    check_batch_fits(config, len(splits.ssl_train))
+    if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
+        check_batch_fits(config, len(splits.ssl_train))
     tracker = RunTracker(args.tracking_uri or default_tracking_uri(), args.experiment)
     commit = git_commit()
     tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": commit} if commit else {})}
@@ -109,10 +110,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_to_parquet(args: argparse.Namespace) -> int:
-    from ssl_train.data import folder_to_parquet
+    from ssl_train.data import digits_to_parquet, folder_to_parquet
 
-    rows = folder_to_parquet(args.src, args.dst)
-    print(f"wrote {rows} images to {args.dst}")
+    if str(args.src) != "digits":
+        rows = folder_to_parquet(args.src, args.dst)
+        print(f"wrote {rows} images to {args.dst}")
+        return 0
+    unlabeled, labeled = digits_to_parquet(args.dst, args.image_size)
+    print(f"wrote the digits default as {unlabeled} (SSL-train images) and {labeled} (labeled); train on it with\n"
+          f"  --set data.source=parquet --set data.path={unlabeled} --set data.labeled_path={labeled} "
+          f"--set data.image_size={args.image_size} [--set data.streaming=true]")
     return 0
 
 
@@ -122,7 +129,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     splits = load_splits(config.data, config.seed)
-    path = save_preview(config, splits.ssl_train.images, args.out, num_images=args.images, seed=config.seed)
+    path = save_preview(config, splits.preview(args.images), args.out, num_images=args.images, seed=config.seed)
     print(f"wrote {path}")
     return 0
 
@@ -245,9 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(handler=cmd_ui)
 
     data = commands.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
-    to_parquet = data.add_parser("to-parquet", help="convert an image folder to Parquet (image bytes + label)")
-    to_parquet.add_argument("src", type=Path)
-    to_parquet.add_argument("dst", type=Path)
+    to_parquet = data.add_parser(
+        "to-parquet", help="convert an image folder to Parquet (image bytes + label), or 'digits' to a folder "
+        "of two Parquet files (unlabeled SSL-train images, labeled images)")
+    to_parquet.add_argument("src", type=Path, help="an image folder, or 'digits' (the embedded default data)")
+    to_parquet.add_argument("dst", type=Path, help="the .parquet file to write (for 'digits': a folder)")
+    to_parquet.add_argument("--image-size", type=int, default=32, help="digits only: image side in pixels")
     to_parquet.set_defaults(handler=cmd_to_parquet)
 
     preview = commands.add_parser("augment-preview", help="write a PNG grid of images and their augmented views")

@@ -116,6 +116,9 @@ class DataConfig:
     labeled_fraction: float = 1.0
     download_root: str = "~/.cache/ssl-tune/datasets"
     loader_workers: int = 0
+    # Stream the SSL-train images of a parquet data.path to the workers with Ray Data instead of
+    # decoding all of them in every worker (labeled sets from data.labeled_path stay in memory).
+    streaming: bool = False
 
 
 @dataclass
@@ -399,6 +402,13 @@ def validate(c: TrainConfig) -> None:
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     if d.source in ("folder", "parquet"):
         _require(bool(d.path), "data.path", d.path, f"data.source={d.source!r} needs data.path")
+    if d.streaming:
+        _require(d.source == "parquet", "data.source", d.source,
+                 "data.streaming=true streams parquet: set data.source=parquet "
+                 "(`ssl-tune data to-parquet` converts a folder or the digits), or data.streaming=false")
+        _require(bool(d.labeled_path), "data.labeled_path", d.labeled_path,
+                 "data.streaming=true needs the labeled evaluation images apart: set data.labeled_path "
+                 "(a labeled parquet file or class folder, kept in memory)")
 
     e = c.eval
     _require(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")

@@ -21,7 +21,7 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -83,17 +83,23 @@ class DatasetSplits:
     """The three sets one run uses. ``eval_train`` may be the same object as ``ssl_train``."""
 
     name: str
-    ssl_train: ImageSet
+    ssl_train: Optional[ImageSet]  # None: streamed to the workers by Ray Data (data.streaming)
     eval_train: ImageSet
     test: ImageSet
     num_classes: int
     skipped: list[str]
     notes: list[str] = field(default_factory=list)
 
+    def preview(self, count: int) -> torch.Tensor:
+        """The first ``count`` training images (the labeled ones when the SSL-train set is streamed)."""
+        shown = self.ssl_train if self.ssl_train is not None else self.eval_train
+        return shown.images[:count]
+
     def summary(self) -> str:
-        size = self.ssl_train.images.shape[-1]
+        size = self.test.images.shape[-1]
+        ssl = f"{len(self.ssl_train)} SSL-train" if self.ssl_train is not None else "SSL-train streamed by Ray Data"
         text = (
-            f"{self.name}: {len(self.ssl_train)} SSL-train, {len(self.eval_train)} eval-train, "
+            f"{self.name}: {ssl}, {len(self.eval_train)} eval-train, "
             f"{len(self.test)} test images ({self.num_classes} classes, {size}x{size}); "
             f"skipped {len(self.skipped)} unreadable"
         )
@@ -221,12 +227,23 @@ def _parquet_files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(path.glob("*.parquet")) if path.is_dir() else []
 
 
+def _parquet_files_or_error(path: Path, key: str) -> list[Path]:
+    files = _parquet_files(path)
+    if not files:
+        raise DataError(
+            f"{key}='{path}' " + ("does not exist" if not path.exists() else "holds no .parquet files")
+            + "; give a parquet file or a folder of them (for an image folder use data.source=folder)"
+        )
+    return files
+
+
 def _binary_type(dtype: pa.DataType) -> bool:
     view = getattr(pa.types, "is_binary_view", lambda _: False)
     return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or view(dtype)
 
 
-def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
+def _parquet_columns(file: Path) -> list[str]:
+    """The columns of ``file`` this module reads (``image``, then ``label`` and ``path`` when present), checked."""
     try:
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as error:
@@ -241,20 +258,28 @@ def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np
             f"'{file}': column 'image' has type {schema.field('image').type}; expected binary "
             "(the encoded image file's bytes)"
         )
-    has_label = "label" in schema.names
-    label_type = schema.field("label").type if has_label else pa.null()
+    label_type = schema.field("label").type if "label" in schema.names else pa.null()
     if not (pa.types.is_integer(label_type) or pa.types.is_null(label_type)):
         raise DataError(
             f"'{file}': column 'label' has type {label_type}; expected an integer type "
             "(int64, null for unlabeled rows)"
         )
-    columns = ["image"] + (["label"] if has_label else []) + (["path"] if "path" in schema.names else [])
+    return ["image"] + [name for name in ("label", "path") if name in schema.names]
+
+
+def _row_names(file: Path, table: pa.Table, first_row: int = 0) -> list[str]:
+    """How skipped rows are named: the ``path`` column when there is one, else the row number."""
+    if "path" in table.column_names:
+        return [f"{file}:{p}" for p in table.column("path").to_pylist()]
+    return [f"{file}:row {first_row + i}" for i in range(table.num_rows)]
+
+
+def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
+    columns = _parquet_columns(file)
+    has_label = "label" in columns
     table = pq.read_table(file, columns=columns)
     rows = table.num_rows
-    names = (
-        [f"{file}:{p}" for p in table.column("path").to_pylist()] if "path" in columns
-        else [f"{file}:row {i}" for i in range(rows)]
-    )
+    names = _row_names(file, table)
     labels = (
         pc.fill_null(table.column("label").cast(pa.int64()), -1).to_numpy() if has_label
         else np.full(rows, -1, np.int64)
@@ -270,12 +295,7 @@ def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np
 
 def _parquet_records(path: Path, key: str) -> _Records:
     """All rows of the parquet file(s) at ``path``; labels renumbered 0..C-1 in sorted order."""
-    files = _parquet_files(path)
-    if not files:
-        raise DataError(
-            f"{key}='{path}' " + ("does not exist" if not path.exists() else "holds no .parquet files")
-            + "; give a parquet file or a folder of them (for an image folder use data.source=folder)"
-        )
+    files = _parquet_files_or_error(path, key)
     sources: list[Optional[ImageSource]] = []
     names: list[str] = []
     labels: list[np.ndarray] = []
@@ -313,20 +333,24 @@ def _try_decode(source: Optional[ImageSource], image_size: int) -> Union[torch.T
         return str(error)
 
 
+def _decode_all(sources: Sequence[Optional[ImageSource]], image_size: int) -> Iterator[Union[torch.Tensor, str]]:
+    """Each source decoded, or why it could not be, in order (threads: PIL releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        yield from pool.map(partial(_try_decode, image_size=image_size), sources)
+
+
 def _decode_records(records: _Records, image_size: int, skipped: list[str]) -> ImageSet:
-    """Decode every record (threads: PIL releases the GIL); unreadable ones go to ``skipped``."""
+    """Decode every record; unreadable ones go to ``skipped``."""
     out = torch.empty((len(records.sources), 3, image_size, image_size), dtype=torch.uint8)
     kept: list[int] = []
     reasons: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(partial(_try_decode, image_size=image_size), records.sources)
-        for i, result in enumerate(results):
-            if isinstance(result, str):
-                skipped.append(records.names[i])
-                reasons.append(f"{records.names[i]}: {result}")
-            else:
-                out[len(kept)] = result
-                kept.append(i)
+    for i, result in enumerate(_decode_all(records.sources, image_size)):
+        if isinstance(result, str):
+            skipped.append(records.names[i])
+            reasons.append(f"{records.names[i]}: {result}")
+        else:
+            out[len(kept)] = result
+            kept.append(i)
     if not kept:
         raise DataError(
             f"none of the {len(records.sources)} images under '{records.where}' could be decoded "
@@ -391,36 +415,50 @@ def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _digits_splits(config: DataConfig) -> DatasetSplits:
+def _digits_pool(image_size: int) -> ImageSet:
+    """All 1,797 labeled digits as ``image_size`` RGB images, in scikit-learn's order."""
     digits = load_digits()
     grey = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    pool = ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), config.image_size),
-                    torch.as_tensor(digits.target, dtype=torch.long))
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    return ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), image_size), labels)
+
+
+def _digits_splits(config: DataConfig) -> DatasetSplits:
     notes: list[str] = []
-    ssl_train, test = _hold_out(pool, config.test_fraction, "test", notes)
+    ssl_train, test = _hold_out(_digits_pool(config.image_size), config.test_fraction, "test", notes)
     eval_train = _labeled_part(ssl_train, config.labeled_fraction, notes)
     return DatasetSplits("digits", ssl_train, eval_train, test, 10, [], notes)
+
+
+def _labeled_path_sets(config: DataConfig, skipped: list[str], notes: list[str]) -> tuple[ImageSet, ImageSet, int]:
+    """(eval pool, test set, class count) from ``data.labeled_path``."""
+    labeled_path = Path(config.labeled_path or "").expanduser()
+    labeled_records = _any_records(labeled_path, "data.labeled_path")
+    if not labeled_records.num_classes:
+        raise _needs_labels(str(labeled_path))
+    _require_classes(labeled_records.num_classes, str(labeled_path))
+    eval_pool, test = _hold_out(
+        _decode_records(labeled_records, config.image_size, skipped), config.test_fraction, "test", notes
+    )
+    return eval_pool, test, labeled_records.num_classes
 
 
 def _file_splits(config: DataConfig) -> DatasetSplits:
     if not config.path:
         raise DataError(f"data.source={config.source!r} needs data.path (a folder or parquet file)")
     path = Path(config.path).expanduser()
-    reader = _parquet_records if config.source == "parquet" else _folder_records
-    records = reader(path, "data.path")
     skipped: list[str] = []
     notes: list[str] = []
+    if config.streaming:  # the SSL-train images reach the workers through Ray Data (ssl_train.streaming)
+        eval_pool, test, num_classes = _labeled_path_sets(config, skipped, notes)
+        eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
+        return DatasetSplits(str(path), None, eval_train, test, num_classes, skipped, notes)
+    reader = _parquet_records if config.source == "parquet" else _folder_records
+    records = reader(path, "data.path")
     main = _decode_records(records, config.image_size, skipped)
     if config.labeled_path:
-        labeled_path = Path(config.labeled_path).expanduser()
-        labeled_records = _any_records(labeled_path, "data.labeled_path")
-        if not labeled_records.num_classes:
-            raise _needs_labels(str(labeled_path))
-        _require_classes(labeled_records.num_classes, str(labeled_path))
-        eval_pool, test = _hold_out(
-            _decode_records(labeled_records, config.image_size, skipped), config.test_fraction, "test", notes
-        )
-        ssl_train, num_classes = main, labeled_records.num_classes
+        eval_pool, test, num_classes = _labeled_path_sets(config, skipped, notes)
+        ssl_train = main
     elif records.num_classes:
         _require_classes(records.num_classes, str(path))
         ssl_train, test = _hold_out(main, config.test_fraction, "test", notes)
@@ -527,3 +565,89 @@ def _read_bytes(path: Path) -> Optional[bytes]:
     except OSError as error:
         logger.warning("cannot read '%s' (%s); writing an empty image cell", path, error)
         return None
+
+
+def images_to_parquet(images: ImageSet, dst: str | Path) -> Path:
+    """Write decoded images as one parquet file of PNGs (``label`` null where -1); returns ``dst``.
+
+    PNG is lossless and ``decode_image`` leaves an image of the target size untouched, so loading
+    the file at the same ``image_size`` gives back exactly these pixels.
+    """
+    dst = Path(dst).expanduser()
+    schema = pa.schema([("image", pa.binary()), ("label", pa.int64())])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(dst, schema) as writer:
+        for start in range(0, len(images), _ROWS_PER_GROUP):
+            chunk = images.select(np.arange(start, min(start + _ROWS_PER_GROUP, len(images))))
+            writer.write_table(pa.table({
+                "image": [_png_bytes(image) for image in chunk.images],
+                "label": [int(label) if label >= 0 else None for label in chunk.labels.tolist()],
+            }, schema=schema))
+    return dst
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    TF.to_pil_image(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digits_to_parquet(
+    dst_dir: str | Path, image_size: int = DataConfig.image_size, test_fraction: float = DataConfig.test_fraction
+) -> tuple[Path, Path]:
+    """The digits default in Parquet form: ``unlabeled.parquet`` (its SSL-train images) and ``labeled.parquet``.
+
+    With ``data.source=parquet``, ``data.path`` the first and ``data.labeled_path`` the second, the
+    SSL-train, eval and test sets are exactly those of ``data.source=digits`` (same pixels, same order,
+    same split, given the same ``image_size`` and ``test_fraction``), streamed or not: a way to try
+    ``data.streaming`` on the default data.
+    """
+    dst_dir = Path(dst_dir).expanduser()
+    pool = _digits_pool(image_size)
+    ssl_train, _ = _hold_out(pool, test_fraction, "test", [])
+    unlabeled = ImageSet(ssl_train.images, torch.full((len(ssl_train),), -1, dtype=torch.long))
+    return (images_to_parquet(unlabeled, dst_dir / "unlabeled.parquet"),
+            images_to_parquet(pool, dst_dir / "labeled.parquet"))
+
+
+# ---------------------------------------------------------------- streaming pieces (run by Ray Data tasks)
+
+
+def parquet_row_groups(path: str | Path) -> list[dict[str, Any]]:
+    """The row groups of the parquet file(s) at ``path`` (metadata only, nothing decoded).
+
+    Each piece names its ``file``, ``row_group``, ``file_row`` (first row in the file) and
+    ``first_row``: its first row's number over all files, in the in-memory order (files sorted,
+    rows in file order), so row ``i`` streamed is row ``i`` loaded in memory.
+    """
+    pieces: list[dict[str, Any]] = []
+    first_row = 0
+    for file in _parquet_files_or_error(Path(path).expanduser(), "data.path"):
+        _parquet_columns(file)
+        metadata = pq.ParquetFile(file).metadata
+        file_row = 0
+        for group in range(metadata.num_row_groups):
+            pieces.append({"file": str(file), "row_group": group, "file_row": file_row, "first_row": first_row})
+            rows = metadata.row_group(group).num_rows
+            file_row, first_row = file_row + rows, first_row + rows
+    if not first_row:
+        raise DataError(f"data.path='{path}' has no rows; it holds no images")
+    return pieces
+
+
+def decode_row_group(piece: dict[str, Any], image_size: int) -> dict[str, np.ndarray]:
+    """One piece of :func:`parquet_row_groups` decoded: ``index`` (row numbers), ``image`` (uint8
+    ``[n, 3, S, S]``, zeros where unreadable) and ``error`` ("" when decoded, else the row's name and why)."""
+    file = Path(piece["file"])
+    columns = [column for column in _parquet_columns(file) if column != "label"]
+    table = pq.ParquetFile(file).read_row_group(int(piece["row_group"]), columns=columns)
+    names = _row_names(file, table, int(piece["file_row"]))
+    images = np.zeros((table.num_rows, 3, image_size, image_size), dtype=np.uint8)
+    errors = np.full(table.num_rows, "", dtype=object)
+    for i, result in enumerate(_decode_all(table.column("image").to_pylist(), image_size)):
+        if isinstance(result, str):
+            errors[i] = f"{names[i]}: {result}"
+        else:
+            images[i] = result.numpy()
+    first = int(piece["first_row"])
+    return {"index": np.arange(first, first + table.num_rows, dtype=np.int64), "image": images, "error": errors}

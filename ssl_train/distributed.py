@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ssl_train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_train.config import ConfigError, TrainConfig, from_dict
 from ssl_train.loop import RunFailedError, WorkerContext, train_loop
+from ssl_train.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
@@ -75,6 +76,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     rank = context.get_world_rank()
     progress: Queue | None = loop_config.get("progress")
+    streamed = streamed_rows(ray.train.get_dataset_shard(SSL_DATASET)) if config.data.streaming else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
@@ -88,7 +90,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             device=ray.train.torch.get_device(),
             checkpoint_dir=Path(staging),
         )
-        result = train_loop(config, report, worker, checkpoint=state)
+        result = train_loop(config, report, worker, checkpoint=state, streamed=streamed)
     return {"status": result.status, "history": result.history, "restarts": result.restarts}
 
 
@@ -103,8 +105,10 @@ def build_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer running :func:`train_loop` for ``config`` (used by ``fit`` and by multi-worker Tune trials).
 
-    ``progress``, when given, receives rank 0's metrics after every epoch.
+    ``progress``, when given, receives rank 0's metrics after every epoch. With ``data.streaming``
+    the SSL-train rows reach the workers as a Ray Dataset split over them.
     """
+    streaming = config.data.streaming
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -113,6 +117,8 @@ def build_trainer(
             "progress": progress,
         },
         scaling_config=scaling_config(config),
+        datasets={SSL_DATASET: ssl_dataset(config.data)} if streaming else None,
+        dataset_config=EveryRowOnce() if streaming else None,
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -141,13 +147,16 @@ def check_capacity(config: TrainConfig, *, may_grow: bool) -> None:
     total = ray.cluster_resources()
     for key, amount in per_worker.items():
         largest = max((node.get(key, 0.0) for node in nodes), default=0.0)
-        needed = s.min_workers * amount
+        decoding = STREAMING_CPUS if key == "CPU" and config.data.streaming else 0.0
+        needed = s.min_workers * amount + decoding
         if amount <= largest and needed <= total.get(key, 0.0):
             continue
         field = "scaling.cpus_per_worker" if key == "CPU" else "scaling.gpus_per_worker"
         problem = (
-            f"scaling.min_workers={s.min_workers} workers x {field}={amount:g} need {needed:g} {key} "
-            f"(at most {largest:g} on one node); the Ray cluster has {total.get(key, 0.0):g} {key}"
+            f"scaling.min_workers={s.min_workers} workers x {field}={amount:g}"
+            + (f" + {decoding:g} for Ray Data's decode tasks (data.streaming)" if decoding else "")
+            + f" need {needed:g} {key} (at most {largest:g} on one node); "
+            f"the Ray cluster has {total.get(key, 0.0):g} {key}"
         )
         if may_grow:
             print(f"ssl-tune: {problem}: waiting for nodes to join", file=sys.stderr, flush=True)

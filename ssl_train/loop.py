@@ -8,11 +8,12 @@ callback), so this module imports nothing from Ray, Tune or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm import tqdm
 
-from ssl_train.augment import MultiViewDataset, view_recipes
+from ssl_train.augment import MultiViewDataset, ViewRecipe, view_recipes
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
@@ -31,7 +32,7 @@ from ssl_train.data import DatasetSplits, load_splits
 from ssl_train.evaluate import embedding_std, evaluate_backbone
 from ssl_train.methods import build_method
 from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.sharding import GlobalBatchSampler, loss_weight
+from ssl_train.sharding import GlobalBatchSampler, ShardedImages, loss_weight
 
 RUNNING, FINISHED, DIVERGED, COLLAPSED = "running", "finished", "diverged", "collapsed"
 
@@ -99,22 +100,52 @@ def build_model(config: TrainConfig) -> nn.Module:
     return build_method(build_backbone(config.backbone), config)
 
 
+def _training_images(
+    config: TrainConfig, splits: DatasetSplits, streamed: Iterable[dict[str, Any]] | None, context: WorkerContext
+) -> torch.Tensor | ShardedImages:
+    """The SSL-train images: all of them in memory, or this worker's streamed share (``data.streaming``).
+
+    A streamed run with no stream (one worker training in this process: ``train()``, a one-worker
+    Tune trial) reads the same rows into memory: one process needs them all anyway.
+    """
+    if splits.ssl_train is not None:
+        return splits.ssl_train.images
+    if streamed is not None:
+        return ShardedImages.from_batches(streamed, config.data.image_size, context.rank, context.world_size)
+    in_memory = load_splits(dataclasses.replace(config.data, streaming=False), config.seed).ssl_train
+    assert in_memory is not None  # loaded, not streamed
+    return in_memory.images
+
+
+def _epoch_loader(images: torch.Tensor, recipes: list[ViewRecipe], sampler: GlobalBatchSampler,
+                  config: TrainConfig) -> DataLoader:
+    """Views of one epoch's streamed images, already in this worker's batch order."""
+    return DataLoader(
+        MultiViewDataset(images, recipes),
+        batch_sampler=BatchSampler(SequentialSampler(range(len(images))), sampler.stop - sampler.start, False),
+        num_workers=config.data.loader_workers,
+    )
+
+
 def train_loop(
     config: TrainConfig,
     report: Reporter,
     context: WorkerContext | None = None,
     checkpoint: str | Path | dict[str, Any] | None = None,
     splits: DatasetSplits | None = None,
+    streamed: Iterable[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``config.method`` for ``config.optim.epochs`` epochs; report metrics and a checkpoint each epoch.
 
     ``checkpoint`` (a directory or a loaded state) resumes a run where it stopped: the
     same weights, optimizer, schedule, RNG and data order, so 2 + 2 epochs equal 4.
+    ``streamed`` (with ``data.streaming``) is this worker's share of the SSL-train rows from Ray Data.
     """
     context = context or WorkerContext()
     device = context.device
     splits = splits or load_splits(config.data, config.seed)
-    check_batch_fits(config, len(splits.ssl_train))
+    images = _training_images(config, splits, streamed, context)
+    check_batch_fits(config, len(images))
 
     method = build_model(config).to(device)
     if config.scaling.sync_batchnorm and context.world_size > 1:
@@ -125,9 +156,7 @@ def train_loop(
     if config.optim.channels_last:
         method = method.to(memory_format=torch.channels_last)
 
-    sampler = GlobalBatchSampler(
-        len(splits.ssl_train), config.optim.batch_size, context.rank, context.world_size, config.seed
-    )
+    sampler = GlobalBatchSampler(len(images), config.optim.batch_size, context.rank, context.world_size, config.seed)
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * config.optim.epochs
     optimizer = build_optimizer(method, config.optim)
@@ -156,12 +185,14 @@ def train_loop(
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
 
-    loader = DataLoader(
-        MultiViewDataset(splits.ssl_train.images, view_recipes(config)),
-        batch_sampler=sampler,
-        num_workers=config.data.loader_workers,
-        persistent_workers=config.data.loader_workers > 0,
-    )
+    recipes = view_recipes(config)
+    if isinstance(images, torch.Tensor):
+        loader = DataLoader(
+            MultiViewDataset(images, recipes),
+            batch_sampler=sampler,
+            num_workers=config.data.loader_workers,
+            persistent_workers=config.data.loader_workers > 0,
+        )
     weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
     use_bf16 = device.type == "cuda" and config.optim.mixed_precision
     memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
@@ -170,6 +201,9 @@ def train_loop(
     for epoch in range(start_epoch, config.optim.epochs):
         method.train()
         sampler.set_epoch(epoch)
+        if isinstance(images, ShardedImages):
+            loader = _epoch_loader(images.epoch_images(epoch, config.optim.batch_size, config.seed),
+                                   recipes, sampler, config)
         started = time.perf_counter()
         loss_sum, embeddings, extras = 0.0, None, {}
         steps = tqdm(
@@ -201,6 +235,8 @@ def train_loop(
             "restarts": restarts,
             **extras,
         }
+        if isinstance(images, ShardedImages):
+            metrics["streamed_rows_held"] = len(images.images)  # this worker's share of the streamed rows
         if not math.isfinite(mean_loss):
             status = DIVERGED
         if status != DIVERGED:

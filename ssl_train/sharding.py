@@ -12,10 +12,16 @@ which ``scaling.sync_batchnorm`` makes global too).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 def local_batch_sizes(global_batch: int, world_size: int) -> list[int]:
@@ -61,3 +67,81 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for step in range(len(self)):
             batch = order[step * self.global_batch : (step + 1) * self.global_batch]
             yield batch[self.start : self.stop]
+
+
+def _epoch_positions(sampler: GlobalBatchSampler, epoch: int) -> np.ndarray:
+    sampler.set_epoch(epoch)
+    return np.fromiter((i for batch in sampler for i in batch), dtype=np.int64)
+
+
+class ShardedImages:
+    """The SSL-train set spread over the workers: each holds the rows Ray Data streamed to it.
+
+    Positions ``0..N-1`` number the readable rows in file order, as the in-memory set numbers its
+    images, so the same :class:`GlobalBatchSampler` applies. Each epoch one all-to-all exchange
+    gives every worker exactly the images of its batch slices, in order: a streamed run trains on
+    the same batches as one holding every image, while each worker keeps about N / W images.
+    """
+
+    def __init__(self, rows: np.ndarray, images: torch.Tensor, rank: int, world_size: int) -> None:
+        order = np.argsort(rows)
+        self.images = images[torch.as_tensor(order)]
+        self.rank, self.world_size = rank, world_size
+        held = [rows[order]] if world_size == 1 else _all_gather_arrays(rows[order], world_size)
+        self.rows = np.concatenate(held)
+        self.owner = np.concatenate([np.full(len(part), r, dtype=np.int64) for r, part in enumerate(held)])
+        self.local = np.concatenate([np.arange(len(part)) for part in held])  # index in its owner's images
+        by_row = np.argsort(self.rows)  # positions follow the row numbers (the file order)
+        self.rows, self.owner, self.local = self.rows[by_row], self.owner[by_row], self.local[by_row]
+
+    @classmethod
+    def from_batches(
+        cls, batches: Iterable[dict[str, np.ndarray]], image_size: int, rank: int, world_size: int
+    ) -> ShardedImages:
+        """Collect this worker's streamed rows (``index``, ``image``, ``error``: see ``data.decode_row_group``)."""
+        rows = [np.zeros(0, np.int64)]
+        images = [torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)]
+        errors: list[str] = []
+        for batch in batches:
+            ok = batch["error"] == ""
+            rows.append(batch["index"][ok])
+            images.append(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
+            errors += list(batch["error"][~ok])
+        if errors:
+            logger.warning("skipped %d unreadable streamed images, e.g. %s", len(errors), errors[0])
+        return cls(np.concatenate(rows), torch.cat(images), rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def epoch_images(self, epoch: int, global_batch: int, seed: int) -> torch.Tensor:
+        """This worker's images of ``epoch``, in the order of its ``GlobalBatchSampler`` slices."""
+        needs = [
+            _epoch_positions(GlobalBatchSampler(len(self), global_batch, r, self.world_size, seed), epoch)
+            for r in range(self.world_size)
+        ]
+        if self.world_size == 1:
+            return self.images[torch.as_tensor(self.local[needs[0]])]
+        sends = [positions[self.owner[positions] == self.rank] for positions in needs]
+        outgoing = self.images[torch.as_tensor(self.local[np.concatenate(sends)])]
+        sources = self.owner[needs[self.rank]]
+        incoming = torch.empty((len(sources), *self.images.shape[1:]), dtype=torch.uint8)
+        _all_to_all(incoming, outgoing, [int((sources == r).sum()) for r in range(self.world_size)],
+                    [len(s) for s in sends])
+        ordered = torch.empty_like(incoming)
+        ordered[torch.as_tensor(np.argsort(sources, kind="stable"))] = incoming  # grouped by sender -> slice order
+        return ordered
+
+
+def _all_gather_arrays(array: np.ndarray, world_size: int) -> list[np.ndarray]:
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, array)
+    return gathered
+
+
+def _all_to_all(incoming: torch.Tensor, outgoing: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> None:
+    """``dist.all_to_all_single`` of uint8 images; through the GPU when the process group is NCCL."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else incoming.device
+    received = incoming.to(device)
+    dist.all_to_all_single(received, outgoing.to(device), in_splits, out_splits)
+    incoming.copy_(received)

@@ -31,6 +31,21 @@ def ray_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture(scope="session")
+def digits_parquet(tmp_path_factory) -> tuple[Path, Path]:
+    """The digits default at the tests' 8 px in Parquet form: (unlabeled SSL-train file, labeled file)."""
+    from ssl_train.data import digits_to_parquet
+
+    return digits_to_parquet(tmp_path_factory.mktemp("digits-parquet"), image_size=8)
+
+
+def parquet_overrides(digits_parquet: tuple[Path, Path], streaming: bool) -> list[str]:
+    """Config overrides that train on ``digits_parquet``, streamed by Ray Data or loaded in memory."""
+    unlabeled, labeled = digits_parquet
+    return ["data.source=parquet", f"data.path={unlabeled}", f"data.labeled_path={labeled}",
+            f"data.streaming={str(streaming).lower()}"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

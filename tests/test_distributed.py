@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
+from conftest import parquet_overrides
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.state import list_actors
@@ -52,11 +53,20 @@ def _target_and_online(method: torch.nn.Module) -> tuple[torch.Tensor, torch.Ten
     return torch.cat([p.detach().flatten() for p in target]), torch.cat([p.detach().flatten() for p in online])
 
 
-def test_two_worker_run_finishes_and_writes_outputs(ray_cluster, tmp_path):
-    config = load_config(overrides=[*TINY, "optim.epochs=3", "scaling.min_workers=2", "scaling.max_workers=2",
-                                    f"output_dir={tmp_path}"])
+# Half a CPU each: a streamed run needs a CPU free for Ray Data's decode tasks on the 2-CPU cluster.
+TWO_WORKERS = [*TINY, "optim.epochs=3", "scaling.min_workers=2", "scaling.max_workers=2", "scaling.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, tmp_path_factory):
+    """A 2-worker Ray Train run on the digits default: (summary, metrics as they arrived, run directory)."""
+    tmp_path = tmp_path_factory.mktemp("two-workers")
     live = []
-    summary = train(config, on_epoch=live.append)
+    return train(load_config(overrides=[*TWO_WORKERS, f"output_dir={tmp_path}"]), on_epoch=live.append), live, tmp_path
+
+
+def test_two_worker_run_finishes_and_writes_outputs(two_worker_run):
+    summary, live, tmp_path = two_worker_run
     assert summary.status == FINISHED and summary.restarts == 0
     assert [m["epoch"] for m in summary.history] == [1, 2, 3] == [m["epoch"] for m in live]
     assert all(m["workers"] == 2 for m in summary.history)
@@ -278,6 +288,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     assert len(before_kill) >= seen["epoch"] - 1 >= 2
     assert all(m["restarts"] >= 1 for m in history[len(before_kill) :])
     assert all(math.isfinite(m["knn_acc"]) for m in history) and history[-1]["loss"] < history[0]["loss"]
+
+
+def test_two_workers_streaming_parquet_follow_the_in_memory_run(two_worker_run, digits_parquet, tmp_path):
+    """Ray Data splits the rows over the 2 workers; each epoch's exchange restores the in-memory batches."""
+    streamed = train(load_config(overrides=[*TWO_WORKERS, *parquet_overrides(digits_parquet, True),
+                                            f"output_dir={tmp_path}"]))
+    in_memory = two_worker_run[0]
+    assert streamed.status == FINISHED and all(m["workers"] == 2 for m in streamed.history)
+    keys = ("epoch", "loss", "knn_acc", "embedding_std")
+    assert [[m[k] for k in keys] for m in streamed.history] == [[m[k] for k in keys] for m in in_memory.history]
+    assert 0 < streamed.history[0]["streamed_rows_held"] < 1257  # rank 0 holds its share, not the whole file
 
 
 def test_more_workers_than_the_cluster_is_an_error_or_a_wait_with_a_message(ray_cluster, capsys):

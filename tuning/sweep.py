@@ -188,7 +188,7 @@ def run_sweep(
         tracking_uri=tracking_uri,
         sweep_name=settings.name,
         experiment=settings.experiment,
-        describe_trial=_trial_describer(base, space, space.source, splits.ssl_train.images[:8], workdir),
+        describe_trial=_trial_describer(base, space, space.source, splits.preview(8), workdir),
         sweep_tags={"method": base.method, "dataset": base.data.source, "search_space": space.source},
         sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
         trial_time_limit_s=settings.trial_time_limit_s,
