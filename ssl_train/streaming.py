@@ -30,6 +30,8 @@ def _decode_piece(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np
 def ssl_dataset(data: DataConfig) -> ray.data.Dataset:
     """The SSL-train rows of ``data.path`` as a lazy Ray Dataset: one read-and-decode task per row group."""
     pieces = parquet_row_groups(data.path or "")
+    # Epoch lines are the progress users read; Ray Data's own bars and 10 s progress logs would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         partial(_decode_piece, image_size=data.image_size), batch_size=1, batch_format="numpy"
     )

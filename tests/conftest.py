@@ -14,6 +14,16 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that stream with Ray Data last (stable order otherwise).
+
+    After a streamed 2-worker run and Ray Data runs in the same session cluster, the next Tune sweep
+    hung: the driver never heard that its trial actors were alive (the GCS had them ALIVE; their
+    ``__ray_ready__`` calls stayed PENDING_NODE_ASSIGNMENT). Not yet understood; see the README.
+    """
+    items.sort(key=lambda item: "streaming" in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local multi-node-capable Ray cluster: a 2-CPU head node; tests may add and remove nodes."""

@@ -5,10 +5,12 @@ streamed run on it can be compared with the in-memory digits run, number for num
 """
 
 import os
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -92,21 +94,28 @@ def test_sharded_images_give_each_worker_exactly_its_batch_slices(free_port):
     assert not torch.equal(received[0][0], received[0][1])  # epochs reshuffle
 
 
-def test_a_streamed_run_equals_the_in_memory_digits_run(ray_cluster, digits_parquet):
-    def history(overrides: list[str], stream: bool = False) -> list[tuple[float, float]]:
-        config = load_config(overrides=overrides)
-        seen = []
-        streamed = streamed_rows(ssl_dataset(config.data)) if stream else None
-        train_loop(config, lambda metrics, _: seen.append(metrics), streamed=streamed)
-        return [(m["loss"], m["knn_acc"]) for m in seen]
+def _history(overrides: list[str], stream: bool) -> list[tuple[float, float]]:
+    """(loss, kNN accuracy) per epoch of an in-process run, its rows streamed by Ray Data or not."""
+    config = load_config(overrides=overrides)
+    seen = []
+    streamed = streamed_rows(ssl_dataset(config.data)) if stream else None
+    train_loop(config, lambda metrics, _: seen.append(metrics), streamed=streamed)
+    return [(m["loss"], m["knn_acc"]) for m in seen]
 
-    in_memory = history(RUN)
+
+def test_a_streamed_run_equals_the_in_memory_digits_run(ray_cluster, digits_parquet):
+    # Each run in a 1-CPU Ray task (the same thread count for all three; Ray Data's executor stays out of
+    # the test process, where it would outlive the test), Ray Data's decode tasks on the other CPU.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    history = ray.remote(num_cpus=1)(_history)
     streaming = [*RUN, *parquet_overrides(digits_parquet, True)]
+    in_memory, streamed, fallback = ray.get([history.remote(RUN, False), history.remote(streaming, True),
+                                             history.remote(streaming, False)])
     assert len(in_memory) == 2 and in_memory[0] != in_memory[1]
     # Ray Data -> one worker's share (all rows) -> the epoch's images: the same numbers, bit for bit.
-    assert history(streaming, stream=True) == in_memory
-    # With no stream (one worker in this process) the same rows are read into memory: the same numbers again.
-    assert history(streaming) == in_memory
+    assert streamed == in_memory
+    # With no stream (one worker in its own process) the same rows are read into memory: the same numbers again.
+    assert fallback == in_memory
 
 
 def test_cli_writes_the_digits_parquet_form(tmp_path, capsys):
