@@ -109,6 +109,10 @@ def build_trainer(
     the SSL-train rows reach the workers as a Ray Dataset split over them.
     """
     streaming = config.data.streaming
+    # Workers (and Ray Data's tasks) run in other directories: hand them absolute data paths.
+    config = config.replace({key: str(Path(value).expanduser().resolve())
+                             for key, value in (("data.path", config.data.path),
+                                                ("data.labeled_path", config.data.labeled_path)) if value})
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
