@@ -189,6 +189,13 @@ class TrainConfig:
             _set_dotted(tree, key, value)
         return from_dict(tree)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """This config with ``data.path`` and ``data.labeled_path`` absolute: processes that start in other
+        directories (Ray Train workers, Ray Data tasks, Tune trials) then read the same files."""
+        paths = {f"data.{key}": str(Path(value).expanduser().resolve())
+                 for key in ("path", "labeled_path") if (value := getattr(self.data, key))}
+        return self.replace(paths)
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}

@@ -469,6 +469,13 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
     return DatasetSplits(str(path), ssl_train, eval_train, test, num_classes, skipped, notes)
 
 
+def load_streamed_set(config: DataConfig) -> ImageSet:
+    """The SSL-train images of a streamed config (``data.streaming``) decoded in this process, as the
+    in-memory path holds them (with ``data.labeled_path`` set, all readable rows of ``data.path``)."""
+    records = _parquet_records(Path(config.path or "").expanduser(), "data.path")
+    return _decode_records(records, config.image_size, [])
+
+
 def _torchvision_dataset(factory: Callable[..., Any], name: str, root: Path, **kwargs: Any) -> Any:
     """The dataset from ``root``; downloaded there when missing (needs network)."""
     try:

@@ -109,10 +109,6 @@ def build_trainer(
     the SSL-train rows reach the workers as a Ray Dataset split over them.
     """
     streaming = config.data.streaming
-    # Workers (and Ray Data's tasks) run in other directories: hand them absolute data paths.
-    config = config.replace({key: str(Path(value).expanduser().resolve())
-                             for key, value in (("data.path", config.data.path),
-                                                ("data.labeled_path", config.data.labeled_path)) if value})
     return TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -205,6 +201,7 @@ def fit(
     copied into the run directory so ``ssl-tune train --resume`` works the same as for
     in-process runs. Raises :class:`RunFailedError` when the failures exceed ``scaling.max_failures``.
     """
+    config = config.with_absolute_paths()  # the workers start in other directories
     ensure_ray(address)
     check_capacity(config, may_grow=address is not None)
     output_dir = Path(config.output_dir).resolve()

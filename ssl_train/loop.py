@@ -8,7 +8,6 @@ callback), so this module imports nothing from Ray, Tune or MLflow.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -28,7 +27,7 @@ from ssl_train.augment import MultiViewDataset, ViewRecipe, view_recipes
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
-from ssl_train.data import DatasetSplits, load_splits
+from ssl_train.data import DatasetSplits, load_splits, load_streamed_set
 from ssl_train.evaluate import embedding_std, evaluate_backbone
 from ssl_train.methods import build_method
 from ssl_train.optim import build_optimizer, build_scheduler
@@ -112,9 +111,7 @@ def _training_images(
         return splits.ssl_train.images
     if streamed is not None:
         return ShardedImages.from_batches(streamed, config.data.image_size, context.rank, context.world_size)
-    in_memory = load_splits(dataclasses.replace(config.data, streaming=False), config.seed).ssl_train
-    assert in_memory is not None  # loaded, not streamed
-    return in_memory.images
+    return load_streamed_set(config.data).images
 
 
 def _epoch_loader(images: torch.Tensor, recipes: list[ViewRecipe], sampler: GlobalBatchSampler,

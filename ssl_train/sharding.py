@@ -88,11 +88,10 @@ class ShardedImages:
         self.images = images[torch.as_tensor(order)]
         self.rank, self.world_size = rank, world_size
         held = [rows[order]] if world_size == 1 else _all_gather_arrays(rows[order], world_size)
-        self.rows = np.concatenate(held)
-        self.owner = np.concatenate([np.full(len(part), r, dtype=np.int64) for r, part in enumerate(held)])
-        self.local = np.concatenate([np.arange(len(part)) for part in held])  # index in its owner's images
-        by_row = np.argsort(self.rows)  # positions follow the row numbers (the file order)
-        self.rows, self.owner, self.local = self.rows[by_row], self.owner[by_row], self.local[by_row]
+        by_row = np.argsort(np.concatenate(held))  # positions follow the row numbers (the file order)
+        # For each position: the worker holding its image, and the image's index there.
+        self.owner = np.concatenate([np.full(len(part), r, dtype=np.int64) for r, part in enumerate(held)])[by_row]
+        self.local = np.concatenate([np.arange(len(part)) for part in held])[by_row]
 
     @classmethod
     def from_batches(
@@ -112,7 +111,7 @@ class ShardedImages:
         return cls(np.concatenate(rows), torch.cat(images), rank, world_size)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.owner)
 
     def epoch_images(self, epoch: int, global_batch: int, seed: int) -> torch.Tensor:
         """This worker's images of ``epoch``, in the order of its ``GlobalBatchSampler`` slices."""

@@ -144,3 +144,12 @@ def test_any_config_file_is_accepted_or_raises_config_error_naming_file_and_key(
         assert any(name and name in message for name in named), message
         return
     assert load_config(config.save(path)) == config  # what is accepted is a valid, savable config
+
+
+def test_with_absolute_paths_resolves_data_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides=["data.source=parquet", "data.path=data/unlabeled.parquet", "optim.lr=0.01"])
+    absolute = config.with_absolute_paths()
+    assert absolute.data.path == str(tmp_path / "data" / "unlabeled.parquet")  # Ray workers start elsewhere
+    assert absolute.data.labeled_path is None and absolute.optim == config.optim
+    assert absolute.with_absolute_paths() == absolute

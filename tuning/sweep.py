@@ -64,7 +64,7 @@ class SweepSettings:
         overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides]
         if self.objective == "linear_acc":
             overrides.append("eval.linear_probe=true")
-        return load_config(self.config, overrides)
+        return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
 
 
 def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
