@@ -56,7 +56,7 @@ class LearnResult:
     @property
     def final_knn(self) -> float:
         """kNN after the last epoch that ended inside the budget (random-init kNN if none did)."""
-        return self.within_budget[-1]["knn_acc"] if self.within_budget else self.random_knn
+        return self.within_budget[-1]["val_knn_acc"] if self.within_budget else self.random_knn
 
     @property
     def gain(self) -> float:
@@ -74,8 +74,8 @@ def measure(config: TrainConfig, budget_s: float = BUDGET_S) -> LearnResult:
     """Random-init kNN of ``config``'s backbone, then train it for ``budget_s`` seconds (whole epochs)."""
     if config.eval.every_epochs != 1:
         config = config.replace({"eval.every_epochs": 1})
-    splits = load_splits(config.data, config.seed)
-    random_knn = evaluate_backbone(build_model(config).backbone, splits, config.eval)["knn_acc"]
+    splits = load_splits(config.data)
+    random_knn = evaluate_backbone(build_model(config).backbone, splits, config.eval)["val_knn_acc"]
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
 
@@ -98,7 +98,7 @@ def epoch_table(result: LearnResult) -> pd.DataFrame:
             "epoch": m["epoch"],
             "elapsed (s)": round(m["elapsed_s"], 1),
             "loss": m["loss"],
-            "kNN acc": m["knn_acc"],
+            "kNN acc": m["val_knn_acc"],
             "embedding std": m["embedding_std"],
             "images/s": round(m["images_per_s"]),
         }

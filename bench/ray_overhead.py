@@ -150,7 +150,7 @@ def main() -> None:
     config = load_config(overrides=[*BASE, f"optim.epochs={args.epochs}", f"eval.every_epochs={args.epochs}",
                                     f"scaling.cpus_per_worker={args.threads}", f"output_dir={work / 'run'}"])
     tiny = load_config(overrides=[*TINY, f"output_dir={work / 'tiny'}"])
-    splits = load_splits(config.data, config.seed)
+    splits = load_splits(config.data)
     rows: dict[str, Any] = {"load": os.getloadavg()[0]}
 
     images, tiny_images = images_per_epoch(config, splits), images_per_epoch(tiny, splits)
@@ -184,7 +184,7 @@ def main() -> None:
 def report(config: TrainConfig, rows: dict[str, Any], fixed: dict[str, float], trivial: dict[int, dict[str, float]],
            args: argparse.Namespace) -> str:
     plain, local, ray1 = steady(rows["plain"]), steady(rows["in_process"]), steady(rows["ray_1"])
-    steps = len(load_splits(config.data, config.seed).ssl_train) // config.optim.batch_size
+    steps = len(load_splits(config.data).ssl_train) // config.optim.batch_size
     lines = [
         "## Ray Train overhead (bench/ray_overhead.py)",
         "",

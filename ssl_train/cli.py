@@ -55,10 +55,12 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
 
 
 def format_epoch(metrics: dict[str, Any]) -> str:
+    """One epoch as a line: the val metrics every epoch, the test ones on the line of the finished run."""
     parts = [f"epoch {metrics['epoch']}", f"loss {metrics['loss']:.4f}"]
     for key, label, fmt in (
-        ("knn_acc", "knn", ".4f"), ("linear_acc", "linear", ".4f"), ("feature_std", "std", ".3f"),
-        ("feature_rank", "rank", ".1f"), ("tau", "tau", ".4f"), ("images_per_s", "img/s", ".0f"),
+        ("val_knn_acc", "val knn", ".4f"), ("val_linear_acc", "val linear", ".4f"), ("val_feature_std", "std", ".3f"),
+        ("val_feature_rank", "rank", ".1f"), ("tau", "tau", ".4f"), ("images_per_s", "img/s", ".0f"),
+        ("test_knn_acc", "TEST knn", ".4f"), ("test_linear_acc", "TEST linear", ".4f"),
     ):
         if key in metrics:
             parts.append(f"{label} {metrics[key]:{fmt}}")
@@ -77,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     extra = {"output_dir": str(args.output)} if args.output else {}
     config = config_from_args(args, extra)
-    splits = load_splits(config.data, config.seed)
+    splits = load_splits(config.data)
     print(splits.summary())
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
         check_batch_fits(config, len(splits.ssl_train))
@@ -128,7 +130,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     from ssl_train.data import load_splits
 
     config = config_from_args(args)
-    splits = load_splits(config.data, config.seed)
+    splits = load_splits(config.data)
     path = save_preview(config, splits.preview(args.images), args.out, num_images=args.images, seed=config.seed)
     print(f"wrote {path}")
     return 0

@@ -112,7 +112,8 @@ class DataConfig:
     path: Optional[str] = None
     labeled_path: Optional[str] = None
     image_size: int = 32
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # of the labeled images: read only once a run has finished
+    val_fraction: float = 0.2  # of the labeled non-test images: the search's per-epoch objective
     labeled_fraction: float = 1.0
     download_root: str = "~/.cache/ssl-tune/datasets"
     loader_workers: int = 0
@@ -133,6 +134,9 @@ class EvalConfig:
     knn_temperature: float = 0.1
     linear_probe: bool = False
     every_epochs: int = 1
+    # Evaluate the test split once, after the last epoch. Search trials set it false: they select on val
+    # and must never see test; confirmation runs and `ssl-tune train` keep it.
+    test_at_end: bool = True
     collapse_threshold: float = 0.0
     collapse_grace_epochs: int = 2
 
@@ -405,6 +409,7 @@ def validate(c: TrainConfig) -> None:
         _require(smallest <= a.local_crop_size <= d.image_size, "augment.local_crop_size", a.local_crop_size,
                  f"must lie in [{smallest}, data.image_size={d.image_size}]")
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must lie in (0, 1)")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in (0, 1)")
     _require(0 < d.labeled_fraction <= 1, "data.labeled_fraction", d.labeled_fraction, "must lie in (0, 1]")
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
     if d.source in ("folder", "parquet"):

@@ -80,11 +80,18 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
-    """The three sets one run uses. ``eval_train`` may be the same object as ``ssl_train``."""
+    """The sets one run uses: SSL-train images, and three disjoint labeled sets.
+
+    ``eval_train`` is the kNN memory and the linear probe's training set (it may be the same object as
+    ``ssl_train``); ``val`` gives the per-epoch objective that the search selects on; ``test`` is read
+    only once a run has finished (a confirmation run or ``ssl-tune train``), never by search trials.
+    ``val`` and ``test`` images are never among the SSL-train images.
+    """
 
     name: str
     ssl_train: Optional[ImageSet]  # None: streamed to the workers by Ray Data (data.streaming)
     eval_train: ImageSet
+    val: ImageSet
     test: ImageSet
     num_classes: int
     skipped: list[str]
@@ -99,7 +106,7 @@ class DatasetSplits:
         size = self.test.images.shape[-1]
         ssl = f"{len(self.ssl_train)} SSL-train" if self.ssl_train is not None else "SSL-train streamed by Ray Data"
         text = (
-            f"{self.name}: {ssl}, {len(self.eval_train)} eval-train, "
+            f"{self.name}: {ssl}, {len(self.eval_train)} eval-train, {len(self.val)} val, "
             f"{len(self.test)} test images ({self.num_classes} classes, {size}x{size}); "
             f"skipped {len(self.skipped)} unreadable"
         )
@@ -425,22 +432,26 @@ def _digits_pool(image_size: int) -> ImageSet:
 
 def _digits_splits(config: DataConfig) -> DatasetSplits:
     notes: list[str] = []
-    ssl_train, test = _hold_out(_digits_pool(config.image_size), config.test_fraction, "test", notes)
+    rest, test = _hold_out(_digits_pool(config.image_size), config.test_fraction, "test", notes)
+    ssl_train, val = _hold_out(rest, config.val_fraction, "val", notes)
     eval_train = _labeled_part(ssl_train, config.labeled_fraction, notes)
-    return DatasetSplits("digits", ssl_train, eval_train, test, 10, [], notes)
+    return DatasetSplits("digits", ssl_train, eval_train, val, test, 10, [], notes)
 
 
-def _labeled_path_sets(config: DataConfig, skipped: list[str], notes: list[str]) -> tuple[ImageSet, ImageSet, int]:
-    """(eval pool, test set, class count) from ``data.labeled_path``."""
+def _labeled_path_sets(
+    config: DataConfig, skipped: list[str], notes: list[str]
+) -> tuple[ImageSet, ImageSet, ImageSet, int]:
+    """(eval pool, val set, test set, class count) from ``data.labeled_path``."""
     labeled_path = Path(config.labeled_path or "").expanduser()
     labeled_records = _any_records(labeled_path, "data.labeled_path")
     if not labeled_records.num_classes:
         raise _needs_labels(str(labeled_path))
     _require_classes(labeled_records.num_classes, str(labeled_path))
-    eval_pool, test = _hold_out(
+    rest, test = _hold_out(
         _decode_records(labeled_records, config.image_size, skipped), config.test_fraction, "test", notes
     )
-    return eval_pool, test, labeled_records.num_classes
+    eval_pool, val = _hold_out(rest, config.val_fraction, "val", notes)
+    return eval_pool, val, test, labeled_records.num_classes
 
 
 def _file_splits(config: DataConfig) -> DatasetSplits:
@@ -450,23 +461,24 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
     skipped: list[str] = []
     notes: list[str] = []
     if config.streaming:  # the SSL-train images reach the workers through Ray Data (ssl_train.streaming)
-        eval_pool, test, num_classes = _labeled_path_sets(config, skipped, notes)
+        eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
         eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
-        return DatasetSplits(str(path), None, eval_train, test, num_classes, skipped, notes)
+        return DatasetSplits(str(path), None, eval_train, val, test, num_classes, skipped, notes)
     reader = _parquet_records if config.source == "parquet" else _folder_records
     records = reader(path, "data.path")
     main = _decode_records(records, config.image_size, skipped)
     if config.labeled_path:
-        eval_pool, test, num_classes = _labeled_path_sets(config, skipped, notes)
+        eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
         ssl_train = main
     elif records.num_classes:
         _require_classes(records.num_classes, str(path))
-        ssl_train, test = _hold_out(main, config.test_fraction, "test", notes)
+        rest, test = _hold_out(main, config.test_fraction, "test", notes)
+        ssl_train, val = _hold_out(rest, config.val_fraction, "val", notes)
         eval_pool, num_classes = ssl_train, records.num_classes
     else:
         raise _needs_labels(str(path))
     eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
-    return DatasetSplits(str(path), ssl_train, eval_train, test, num_classes, skipped, notes)
+    return DatasetSplits(str(path), ssl_train, eval_train, val, test, num_classes, skipped, notes)
 
 
 def load_streamed_set(config: DataConfig) -> ImageSet:
@@ -503,7 +515,8 @@ def _array_set(images: np.ndarray, labels: Sequence[int] | np.ndarray, size: int
 def _torchvision_splits(config: DataConfig) -> DatasetSplits:
     """CIFAR-10 (train -> SSL + eval, test) or STL-10 (unlabeled -> SSL, train -> eval, test).
 
-    These have official test splits, so ``test_fraction`` is not used.
+    These have official test splits, so ``test_fraction`` is not used; val is carved out of the
+    labeled train split (``val_fraction``), and for CIFAR-10 left out of the SSL-train images.
     """
     root = Path(config.download_root).expanduser()
     size = config.image_size
@@ -511,7 +524,9 @@ def _torchvision_splits(config: DataConfig) -> DatasetSplits:
     if config.source == "cifar10":
         train = _torchvision_dataset(torchvision.datasets.CIFAR10, "CIFAR-10", root, train=True)
         test = _torchvision_dataset(torchvision.datasets.CIFAR10, "CIFAR-10", root, train=False)
-        ssl_train = _array_set(train.data, train.targets, size, channels_last=True)
+        ssl_train, val = _hold_out(
+            _array_set(train.data, train.targets, size, channels_last=True), config.val_fraction, "val", notes
+        )
         eval_pool = ssl_train
         test_set = _array_set(test.data, test.targets, size, channels_last=True)
     else:
@@ -519,17 +534,19 @@ def _torchvision_splits(config: DataConfig) -> DatasetSplits:
         train = _torchvision_dataset(torchvision.datasets.STL10, "STL-10", root, split="train")
         test = _torchvision_dataset(torchvision.datasets.STL10, "STL-10", root, split="test")
         ssl_train = _array_set(unlabeled.data, np.full(len(unlabeled.data), -1), size, channels_last=False)
-        eval_pool = _array_set(train.data, train.labels, size, channels_last=False)
+        eval_pool, val = _hold_out(
+            _array_set(train.data, train.labels, size, channels_last=False), config.val_fraction, "val", notes
+        )
         test_set = _array_set(test.data, test.labels, size, channels_last=False)
     eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
-    return DatasetSplits(config.source, ssl_train, eval_train, test_set, 10, [], notes)
+    return DatasetSplits(config.source, ssl_train, eval_train, val, test_set, 10, [], notes)
 
 
-def load_splits(config: DataConfig, seed: int) -> DatasetSplits:
+def load_splits(config: DataConfig) -> DatasetSplits:
     """Load and split the configured data.
 
-    The splits do not depend on ``seed``: they use the constant SPLIT_SEED, so every run and trial
-    is measured on the same test images. ``seed`` is the run's seed, taken for a uniform signature.
+    The splits are stratified and fixed for a dataset (the constant SPLIT_SEED, not the run's seed),
+    so every trial and every confirmation seed is measured on the same val and test images.
     """
     if config.source == "digits":
         return _digits_splits(config)
@@ -599,19 +616,17 @@ def _png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def digits_to_parquet(
-    dst_dir: str | Path, image_size: int = DataConfig.image_size, test_fraction: float = DataConfig.test_fraction
-) -> tuple[Path, Path]:
+def digits_to_parquet(dst_dir: str | Path, image_size: int = DataConfig.image_size) -> tuple[Path, Path]:
     """The digits default in Parquet form: ``unlabeled.parquet`` (its SSL-train images) and ``labeled.parquet``.
 
     With ``data.source=parquet``, ``data.path`` the first and ``data.labeled_path`` the second, the
     SSL-train, eval and test sets are exactly those of ``data.source=digits`` (same pixels, same order,
-    same split, given the same ``image_size`` and ``test_fraction``), streamed or not: a way to try
+    same splits, given the same ``image_size`` and the default fractions), streamed or not: a way to try
     ``data.streaming`` on the default data.
     """
     dst_dir = Path(dst_dir).expanduser()
     pool = _digits_pool(image_size)
-    ssl_train, _ = _hold_out(pool, test_fraction, "test", [])
+    ssl_train = _digits_splits(DataConfig(image_size=image_size)).ssl_train
     unlabeled = ImageSet(ssl_train.images, torch.full((len(ssl_train),), -1, dtype=torch.long))
     return (images_to_parquet(unlabeled, dst_dir / "unlabeled.parquet"),
             images_to_parquet(pool, dst_dir / "labeled.parquet"))

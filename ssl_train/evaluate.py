@@ -145,22 +145,36 @@ def evaluate_backbone(
     splits: Any,
     config: EvalConfig,
     device: torch.device | str = "cpu",
+    split: str = "val",
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """kNN accuracy (and linear accuracy if ``config.linear_probe``) of ``splits.test`` given ``splits.eval_train``.
+    """kNN accuracy (and linear accuracy if ``config.linear_probe``) of one labeled split given ``splits.eval_train``.
 
-    Also the collapse monitors of the test features: ``feature_rank`` (RankMe) and ``feature_std``.
+    ``split`` is ``"val"`` (what a search selects on) or ``"test"`` (read once a run has finished);
+    the metrics carry it in their names (``val_knn_acc``, ``test_linear_acc``), and so do the
+    collapse monitors of that split's features: ``val_feature_rank`` (RankMe) and ``val_feature_std``.
     """
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}: evaluate on 'val' or 'test'")
+    held_out = getattr(splits, split)
     train = extract_features(backbone, splits.eval_train.images, batch_size, device)
-    test = extract_features(backbone, splits.test.images, batch_size, device)
-    train_labels, test_labels = splits.eval_train.labels, splits.test.labels
+    features = extract_features(backbone, held_out.images, batch_size, device)
+    train_labels, labels = splits.eval_train.labels, held_out.labels
     metrics = {
         "knn_acc": knn_accuracy(
-            train, train_labels, test, test_labels, splits.num_classes, config.knn_k, config.knn_temperature
+            train, train_labels, features, labels, splits.num_classes, config.knn_k, config.knn_temperature
         ),
-        "feature_rank": effective_rank(test),
-        "feature_std": embedding_std(test),
+        "feature_rank": effective_rank(features),
+        "feature_std": embedding_std(features),
     }
     if config.linear_probe:
-        metrics["linear_acc"] = linear_probe_accuracy(train, train_labels, test, test_labels)
-    return metrics
+        metrics["linear_acc"] = linear_probe_accuracy(train, train_labels, features, labels)
+    return {f"{split}_{key}": value for key, value in metrics.items()}
+
+
+def pixel_knn_accuracy(splits: Any, config: EvalConfig, split: str = "test") -> float:
+    """The raw-pixel baseline: the same kNN protocol on flattened pixels (scaled to [0, 1]) instead of features."""
+    held_out = getattr(splits, split)
+    train = splits.eval_train.images.flatten(1).float() / 255
+    return knn_accuracy(train, splits.eval_train.labels, held_out.images.flatten(1).float() / 255, held_out.labels,
+                        splits.num_classes, config.knn_k, config.knn_temperature)

@@ -140,7 +140,7 @@ def train_loop(
     """
     context = context or WorkerContext()
     device = context.device
-    splits = splits or load_splits(config.data, config.seed)
+    splits = splits or load_splits(config.data)
     images = _training_images(config, splits, streamed, context)
     check_batch_fits(config, len(images))
 
@@ -238,11 +238,14 @@ def train_loop(
             status = DIVERGED
         if status != DIVERGED:
             metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
-            if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.optim.epochs):
-                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device))
+            last_epoch = epoch + 1 == config.optim.epochs
+            if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
+                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="val"))
             past_grace = epoch + 1 > config.eval.collapse_grace_epochs
             if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
                 status = COLLAPSED
+            elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
+                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="test"))
         metrics["status"] = RUNNING if status == FINISHED and epoch + 1 < config.optim.epochs else status
         history.append(metrics)
 

@@ -58,44 +58,48 @@ def _assert_colour_matches_label(images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def test_digits_default_split_sizes_and_stratification():
-    splits = load_splits(DataConfig(), seed=0)
+    splits = load_splits(DataConfig())
     assert splits.name == "digits" and splits.num_classes == 10 and splits.skipped == []
     assert len(splits.test) == 540  # ceil(0.3 * 1797)
-    assert len(splits.ssl_train) == 1257 and len(splits.ssl_train) + len(splits.test) == 1797
+    assert len(splits.val) == 252  # ceil(0.2 * 1257)
+    assert len(splits.ssl_train) == 1005 and len(splits.ssl_train) + len(splits.val) + len(splits.test) == 1797
     assert splits.eval_train is splits.ssl_train  # labeled_fraction 1: every SSL-train image is labeled
-    for part in (splits.ssl_train, splits.test):
+    # val and test are disjoint from each other and from every image the SSL run trains on
+    rows = {name: set(map(bytes, getattr(splits, name).images.numpy())) for name in ("ssl_train", "val", "test")}
+    assert not rows["val"] & rows["test"] and not rows["ssl_train"] & (rows["val"] | rows["test"])
+    for part in (splits.ssl_train, splits.val, splits.test):
         assert part.images.dtype == torch.uint8 and part.images.shape[1:] == (3, 32, 32)
         assert part.labels.dtype == torch.int64 and set(part.labels.tolist()) == set(range(10))
     # Stratified: each class's share of the test set is within one image of 30%.
-    totals = Counter(splits.ssl_train.labels.tolist()) + Counter(splits.test.labels.tolist())
+    totals = sum((Counter(getattr(splits, n).labels.tolist()) for n in ("ssl_train", "val", "test")), Counter())
     test_counts = Counter(splits.test.labels.tolist())
     assert all(abs(test_counts[c] - 0.3 * totals[c]) <= 1 for c in range(10))
-    assert "1257 SSL-train" in splits.summary() and "540 test" in splits.summary()
+    assert "1005 SSL-train" in splits.summary() and "252 val, 540 test" in splits.summary()
 
 
 def test_digits_split_is_the_same_for_every_seed_and_native_values_are_scaled():
     config = DataConfig(image_size=8, labeled_fraction=0.1)
-    a, b = load_splits(config, seed=0), load_splits(config, seed=123)
-    for part in ("ssl_train", "eval_train", "test"):
+    a, b = load_splits(config), load_splits(config)
+    for part in ("ssl_train", "eval_train", "val", "test"):
         assert torch.equal(getattr(a, part).images, getattr(b, part).images)
         assert torch.equal(getattr(a, part).labels, getattr(b, part).labels)
     # At the native 8x8 size the pixels are the raw values 0..16 scaled to 0..255, grey in 3 channels.
     from sklearn.datasets import load_digits
 
     raw = np.round(load_digits().images * 255 / 16).astype(np.uint8)
-    all_images = torch.cat([a.ssl_train.images, a.test.images])[:, 0].numpy()
+    all_images = torch.cat([a.ssl_train.images, a.val.images, a.test.images])[:, 0].numpy()
     assert sorted(map(bytes, all_images)) == sorted(map(bytes, raw))
     assert torch.equal(a.test.images[:, 0], a.test.images[:, 2])
     # labeled_fraction 0.1: a stratified subset of SSL-train, every class present.
-    assert len(a.eval_train) == 126  # ceil(0.1 * 1257)
+    assert len(a.eval_train) == 101  # ceil(0.1 * 1005)
     assert set(a.eval_train.labels.tolist()) == set(range(10))
     ssl_rows = set(map(bytes, a.ssl_train.images.numpy()))
     assert all(bytes(image) in ssl_rows for image in a.eval_train.images.numpy())
 
 
 def test_digits_upsampled_to_image_size():
-    splits = load_splits(DataConfig(image_size=24), seed=0)
-    assert splits.ssl_train.images.shape == (1257, 3, 24, 24)
+    splits = load_splits(DataConfig(image_size=24))
+    assert splits.ssl_train.images.shape == (1005, 3, 24, 24)
     assert splits.ssl_train.images.max() > 200 and splits.ssl_train.images.min() == 0
 
 
@@ -104,9 +108,9 @@ def test_digits_upsampled_to_image_size():
 
 def test_class_folder_labels_follow_sorted_class_names(tmp_path):
     root = _write_class_folder(tmp_path / "data")
-    splits = load_splits(DataConfig(source="folder", path=str(root), image_size=16), seed=0)
+    splits = load_splits(DataConfig(source="folder", path=str(root), image_size=16))
     assert splits.num_classes == 3 and splits.skipped == []
-    assert len(splits.test) == 9 and len(splits.ssl_train) == 21  # 30 images, ceil(0.3 * 30) held out
+    assert len(splits.test) == 9 and len(splits.val) == 5 and len(splits.ssl_train) == 16  # 30: 9 test, ceil(0.2 * 21) val
     assert sorted(Counter(splits.test.labels.tolist()).values()) == [3, 3, 3]  # stratified
     for part in (splits.ssl_train, splits.test):
         assert part.images.shape[1:] == (3, 16, 16)
@@ -117,11 +121,11 @@ def test_flat_folder_needs_labeled_path_and_uses_it_for_evaluation(tmp_path):
     flat = _write_flat_folder(tmp_path / "unlabeled", 12)
     labeled = _write_class_folder(tmp_path / "labeled", per_class=6)
     with pytest.raises(DataError, match="data.labeled_path"):
-        load_splits(DataConfig(source="folder", path=str(flat)), seed=0)
+        load_splits(DataConfig(source="folder", path=str(flat)))
     config = DataConfig(source="folder", path=str(flat), labeled_path=str(labeled), test_fraction=0.5)
-    splits = load_splits(config, seed=0)
+    splits = load_splits(config)
     assert len(splits.ssl_train) == 12 and (splits.ssl_train.labels == -1).all()
-    assert len(splits.eval_train) == 9 and len(splits.test) == 9 and splits.num_classes == 3
+    assert len(splits.eval_train) + len(splits.val) + len(splits.test) == 18 and splits.num_classes == 3
     _assert_colour_matches_label(splits.test.images, splits.test.labels)
     _assert_colour_matches_label(splits.eval_train.images, splits.eval_train.labels)
 
@@ -130,8 +134,8 @@ def test_class_too_small_to_stratify_falls_back_with_a_note(tmp_path):
     root = _write_class_folder(tmp_path / "data", per_class=4)
     for extra in sorted((root / "class_2").iterdir())[1:]:
         extra.unlink()  # class_2 keeps one image: a stratified split is impossible
-    splits = load_splits(DataConfig(source="folder", path=str(root)), seed=0)
-    assert len(splits.ssl_train) + len(splits.test) == 9
+    splits = load_splits(DataConfig(source="folder", path=str(root)))
+    assert len(splits.ssl_train) + len(splits.val) + len(splits.test) == 9
     assert "not stratified" in splits.summary()
 
 
@@ -139,26 +143,26 @@ def test_empty_folder_and_all_corrupt_folder_raise_naming_the_path(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="empty.*no images"):
-        load_splits(DataConfig(source="folder", path=str(empty)), seed=0)
+        load_splits(DataConfig(source="folder", path=str(empty)))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_text("not an image")
     (bad / "b.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="none of the 2 images under '.*bad'"):
-        load_splits(DataConfig(source="folder", path=str(bad), labeled_path=str(bad)), seed=0)
+        load_splits(DataConfig(source="folder", path=str(bad), labeled_path=str(bad)))
 
 
 def test_ambiguous_or_single_class_folders_are_refused(tmp_path):
     mixed = _write_class_folder(tmp_path / "mixed", per_class=2)
     Image.new("RGB", (8, 8)).save(mixed / "loose.png")
     with pytest.raises(DataError, match="holds both images .1. and class sub-folders"):
-        load_splits(DataConfig(source="folder", path=str(mixed)), seed=0)
+        load_splits(DataConfig(source="folder", path=str(mixed)))
     single = tmp_path / "single" / "cats"
     single.mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (8, 8)).save(single / f"{i}.png")
     with pytest.raises(DataError, match="single' has 1 class; evaluation needs .* at least 2 classes"):
-        load_splits(DataConfig(source="folder", path=str(single.parent)), seed=0)
+        load_splits(DataConfig(source="folder", path=str(single.parent)))
 
 
 def _add_corrupt_files(class_dir: Path) -> list[Path]:
@@ -176,9 +180,9 @@ def _add_corrupt_files(class_dir: Path) -> list[Path]:
 def test_corrupt_files_are_skipped_and_counted(tmp_path):
     root = _write_class_folder(tmp_path / "data")
     corrupt = _add_corrupt_files(root / "class_1")
-    splits = load_splits(DataConfig(source="folder", path=str(root)), seed=0)
+    splits = load_splits(DataConfig(source="folder", path=str(root)))
     assert sorted(splits.skipped) == sorted(str(p) for p in corrupt)
-    assert len(splits.ssl_train) + len(splits.test) == 30  # every valid image loaded
+    assert len(splits.ssl_train) + len(splits.val) + len(splits.test) == 30  # every valid image loaded
     assert "skipped 3 unreadable" in splits.summary()
     for path in corrupt:
         with pytest.raises(DataError, match=path.name):
@@ -273,7 +277,7 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding():
 
 def _assert_same_splits(a, b) -> None:
     assert a.num_classes == b.num_classes and len(a.skipped) == len(b.skipped)
-    for part in ("ssl_train", "eval_train", "test"):
+    for part in ("ssl_train", "eval_train", "val", "test"):
         assert torch.equal(getattr(a, part).images, getattr(b, part).images)
         assert torch.equal(getattr(a, part).labels, getattr(b, part).labels)
 
@@ -287,13 +291,13 @@ def test_folder_to_parquet_round_trip(tmp_path):
     assert table.schema.field("image").type == pa.binary() and table.schema.field("label").type == pa.int64()
     assert table.column("path").to_pylist()[0] == "class_0/00.jpg"
     assert table.column("image").to_pylist()[0] == (root / "class_0" / "00.jpg").read_bytes()
-    from_folder = load_splits(DataConfig(source="folder", path=str(root), labeled_fraction=0.5), seed=0)
-    from_parquet = load_splits(DataConfig(source="parquet", path=str(file), labeled_fraction=0.5), seed=0)
+    from_folder = load_splits(DataConfig(source="folder", path=str(root), labeled_fraction=0.5))
+    from_parquet = load_splits(DataConfig(source="parquet", path=str(file), labeled_fraction=0.5))
     _assert_same_splits(from_folder, from_parquet)
     assert len(from_parquet.skipped) == 3 and all(name.startswith(str(file)) for name in from_parquet.skipped)
     # A folder of parquet files reads the same.
     _assert_same_splits(from_parquet, load_splits(DataConfig(source="parquet", path=str(file.parent),
-                                                             labeled_fraction=0.5), seed=0))
+                                                             labeled_fraction=0.5)))
 
 
 def test_unlabeled_parquet_needs_labels_and_accepts_a_parquet_labeled_path(tmp_path):
@@ -302,9 +306,9 @@ def test_unlabeled_parquet_needs_labels_and_accepts_a_parquet_labeled_path(tmp_p
     assert pq.read_table(flat_file).column("label").null_count == 8
     folder_to_parquet(_write_class_folder(tmp_path / "labeled", per_class=4), labeled_file)
     with pytest.raises(DataError, match="data.labeled_path"):
-        load_splits(DataConfig(source="parquet", path=str(flat_file)), seed=0)
-    splits = load_splits(DataConfig(source="parquet", path=str(flat_file), labeled_path=str(labeled_file)), seed=0)
-    assert len(splits.ssl_train) == 8 and len(splits.eval_train) + len(splits.test) == 12
+        load_splits(DataConfig(source="parquet", path=str(flat_file)))
+    splits = load_splits(DataConfig(source="parquet", path=str(flat_file), labeled_path=str(labeled_file)))
+    assert len(splits.ssl_train) == 8 and len(splits.eval_train) + len(splits.val) + len(splits.test) == 12
     _assert_colour_matches_label(splits.test.images, splits.test.labels)
 
 
@@ -322,7 +326,7 @@ def test_bad_parquet_columns_raise_naming_file_and_column(tmp_path, columns, mes
     file = tmp_path / "bad.parquet"
     pq.write_table(pa.table(columns), file)
     with pytest.raises(DataError, match=message) as error:
-        load_splits(DataConfig(source="parquet", path=str(file)), seed=0)
+        load_splits(DataConfig(source="parquet", path=str(file)))
     assert str(file) in str(error.value)
 
 
@@ -331,7 +335,7 @@ def test_parquet_with_some_rows_labeled_is_refused(tmp_path):
     image = _png_bytes(Image.new("RGB", (4, 4)))
     pq.write_table(pa.table({"image": [image] * 3, "label": pa.array([0, None, 1], pa.int64())}), file)
     with pytest.raises(DataError, match="2 of 3 rows have a label"):
-        load_splits(DataConfig(source="parquet", path=str(file)), seed=0)
+        load_splits(DataConfig(source="parquet", path=str(file)))
 
 
 # ---------------------------------------------------------------- torchvision datasets
@@ -349,5 +353,5 @@ def test_cifar10_offline_gives_a_clear_error(tmp_path):
     if _online("www.cs.toronto.edu"):
         pytest.skip("network available: CIFAR-10 would really download")
     with pytest.raises(DataError, match="CIFAR-10 is not in data.download_root") as error:
-        load_splits(DataConfig(source="cifar10", download_root=str(tmp_path)), seed=0)
+        load_splits(DataConfig(source="cifar10", download_root=str(tmp_path)))
     assert str(tmp_path) in str(error.value) and "downloads itself" in str(error.value)

@@ -17,16 +17,16 @@ EPOCHS = {"byol": 10, "swav": 20}  # swav: the default schedule; a shortened one
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_splits(load_config().data, 0)
+    return load_splits(load_config().data)
 
 
 @pytest.mark.parametrize("method", ["byol", "swav"])
 def test_default_training_raises_knn_accuracy_without_collapse(digits, method):
     config = load_config(overrides=[f"method={method}", f"optim.epochs={EPOCHS[method]}"])
-    random_init = evaluate_backbone(build_model(config).backbone, digits, config.eval)["knn_acc"]
+    random_init = evaluate_backbone(build_model(config).backbone, digits, config.eval)["val_knn_acc"]
     result = train_loop(config, lambda metrics, checkpoint: None, splits=digits)
 
     assert result.status == FINISHED
-    knn = [epoch["knn_acc"] for epoch in result.history]
+    knn = [epoch["val_knn_acc"] for epoch in result.history]
     assert knn[-1] > random_init + 0.02 and knn[-1] > knn[0] + 0.02, (random_init, knn)
     assert min(epoch["embedding_std"] for epoch in result.history) > 0.5  # collapsed reads ~0, spread ~1

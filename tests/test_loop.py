@@ -23,7 +23,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def digits8():
-    return load_splits(load_config(overrides=TINY).data, 0)
+    return load_splits(load_config(overrides=TINY).data)
 
 
 class Crash(RuntimeError):
@@ -81,11 +81,14 @@ def test_cli_train_writes_loadable_outputs_and_one_mlflow_run(tmp_path, capsys):
     code = main(["train", "--output", str(out), "--tracking-uri", uri, *overrides])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "epoch 2" in printed and "knn" in printed and f"{out}/backbone.pt" in printed
+    assert "epoch 2" in printed and f"{out}/backbone.pt" in printed
+    epoch_lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert [("val knn" in line, "TEST knn" in line) for line in epoch_lines] == [(True, False), (True, True)]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ssl-tune").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["optim.epochs"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_knn_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_knn_acc")] == [2]  # test: once, at the end
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "backbone.pt"}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["status"] == FINISHED
@@ -114,4 +117,4 @@ def test_bad_config_fails_before_work(capsys, tmp_path):
     assert "optim.lr=-1" in capsys.readouterr().err
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["train", "--tracking-uri", uri, "--output", str(tmp_path), "--set", "optim.batch_size=1500"]) == 2
-    assert "only 1257 images" in capsys.readouterr().err
+    assert "only 1005 images" in capsys.readouterr().err

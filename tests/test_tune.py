@@ -78,7 +78,7 @@ def test_sweep_logs_every_trial_to_a_real_mlflow_server(ray_cluster, mlflow_serv
         else:
             assert status in ("finished", "pruned")
             epochs = int(run.data.metrics["epoch"])
-            history = client.get_metric_history(run.info.run_id, "knn_acc")
+            history = client.get_metric_history(run.info.run_id, "val_knn_acc")
             assert [m.step for m in history] == list(range(1, epochs + 1))
             assert {"loss", "lr", "tau", "embedding_std", "images_per_s", "workers"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

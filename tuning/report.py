@@ -80,13 +80,13 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     for run in children:
         run_id = run.info.run_id
         configs[run_id] = config_from_params(run.data.params)
-        history = client.get_metric_history(run_id, "knn_acc")
+        history = client.get_metric_history(run_id, "val_knn_acc")
         curves[run_id] = sorted((m.step, m.value) for m in history)
         flat = configs[run_id].flat()
         rows.append({
             "trial": run.data.tags[TRIAL_TAG],
             OBJECTIVE: run.data.metrics.get(OBJECTIVE, 0.0),
-            "knn_acc": run.data.metrics.get("knn_acc"),
+            "val_knn_acc": run.data.metrics.get("val_knn_acc"),
             "epochs": int(run.data.metrics.get("epoch", 0)),
             "status": run.data.tags.get(STATUS_TAG, "running"),
             "reason": run.data.tags.get(REASON_TAG, ""),

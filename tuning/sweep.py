@@ -48,7 +48,7 @@ class SweepSettings:
     concurrency: int = 2
     searcher: str = "tpe"
     scheduler: str = "asha"
-    objective: str = "knn_acc"
+    objective: str = "val_knn_acc"
     collapse_threshold: float = 0.05
     trial_time_limit_s: float | None = None
     time_budget_s: float | None = None
@@ -62,7 +62,7 @@ class SweepSettings:
 
     def base_config(self) -> TrainConfig:
         overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides]
-        if self.objective == "linear_acc":
+        if self.objective == "val_linear_acc":
             overrides.append("eval.linear_probe=true")
         return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
 
@@ -173,7 +173,7 @@ def run_sweep(
     from tuning.tracking import check_reachable
 
     check_reachable(tracking_uri)  # before any trial starts
-    splits = load_splits(base.data, base.seed)  # bad data fails here, once, not in every trial
+    splits = load_splits(base.data)  # bad data fails here, once, not in every trial
     print(splits.summary())
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
