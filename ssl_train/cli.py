@@ -165,31 +165,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
         storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
+        confirm=not args.no_confirm, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
     )
     interruption = Interruption()
-    results = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
+    search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
     if interruption.interrupted:
         print(f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} --storage {args.storage}")
         return 130
-    outcome = finish_sweep(settings, results)
-    print(f"\ntop trials of {outcome.name}:\n{outcome.table_text}\n")
-    if outcome.default_objective is not None:
-        margin = outcome.best_objective - outcome.default_objective
-        print(f"best {args.objective}: {outcome.best_objective:.4f}  default config: {outcome.default_objective:.4f}"
-              f"  margin: {margin:+.4f}")
+    outcome = finish_sweep(settings, search, confirm)
+    print(f"\nsearch trials of {outcome.name} (objective: val {settings.objective}, the split the search selected "
+          f"on; optimistic for the best trial):\n{outcome.table_text}\n")
+    if outcome.confirmation_text:
+        print(f"confirmation on the untouched test split:\n{outcome.confirmation_text}\n")
+    else:
+        print("no confirmation (--no-confirm): no test score was measured; the config below is the best search "
+              "trial by val, whose val score is optimistic\n")
     print(f"best config: {outcome.best_config_path}  (re-run: ssl-tune train --config {outcome.best_config_path})")
     print(f"MLflow: parent run {outcome.parent_run_id} in {settings.tracking_uri}  (browse: ssl-tune ui)")
+    print(f"Optuna study: optuna-dashboard sqlite:///{outcome.path / 'optuna.db'}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuning.report import format_table, load_report, write_plots
+    from tuning.report import format_table, load_confirmation, load_report, load_study, write_plots
     from tuning.tracking import default_tracking_uri
 
-    report = load_report(args.tracking_uri or default_tracking_uri(), args.sweep, args.experiment)
-    print(f"sweep {report.name} ({len(report.table)} trials):\n{format_table(report, args.top)}")
+    uri = args.tracking_uri or default_tracking_uri()
+    report = load_report(uri, args.sweep, args.experiment)
+    print(f"sweep {report.name} ({len(report.table)} search trials, objective on val):")
+    print(format_table(report, args.top))
+    loaded = load_confirmation(report, uri, report.parent_params.get("sweep.objective", "knn_acc"), args.experiment)
+    if loaded is not None:
+        print(f"\nconfirmation (test):\n{loaded[0].summary().to_string(index=False, float_format='{:.4f}'.format)}")
     if args.plots:
-        for path in write_plots(report, args.plots):
+        for path in write_plots(load_study(report, uri), args.plots, loaded[0] if loaded else None):
             print(f"wrote {path}")
     return 0
 
@@ -236,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
     tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     tune.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
-    tune.add_argument("--keep-best", type=int, default=3, help="log backbone weights of the best K trials")
+    tune.add_argument("--keep-best", type=int, default=3,
+                      help="with --no-confirm: log backbone weights of the best K search trials (confirmed sweeps "
+                      "log the winner's)")
+    tune.add_argument("--confirm-top", type=int, default=2, help="confirm the K best search configs (default 2)")
+    tune.add_argument("--confirm-seeds", type=int, default=3, help="seeds per confirmed config (default 3)")
+    tune.add_argument("--no-confirm", action="store_true",
+                      help="skip confirmation: no test score, the best search trial by val is the result")
     tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
 
     report = commands.add_parser("report", help="top trials of a sweep, read back from MLflow")

@@ -110,7 +110,7 @@ def test_class_folder_labels_follow_sorted_class_names(tmp_path):
     root = _write_class_folder(tmp_path / "data")
     splits = load_splits(DataConfig(source="folder", path=str(root), image_size=16))
     assert splits.num_classes == 3 and splits.skipped == []
-    assert len(splits.test) == 9 and len(splits.val) == 5 and len(splits.ssl_train) == 16  # 30: 9 test, ceil(0.2 * 21) val
+    assert len(splits.test) == 9 and len(splits.val) == 5 and len(splits.ssl_train) == 16  # 9 test, 5 val
     assert sorted(Counter(splits.test.labels.tolist()).values()) == [3, 3, 3]  # stratified
     for part in (splits.ssl_train, splits.test):
         assert part.images.shape[1:] == (3, 16, 16)

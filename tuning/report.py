@@ -6,7 +6,6 @@ tracking store, including one that ran on another machine.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,19 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from search_spaces import Param, SearchSpace, load_space  # noqa: E402
+from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
-from tuning.tracking import DEFAULT_EXPERIMENT, DEFAULT_TAG, REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG  # noqa: E402
+from tuning.confirm import Confirmation  # noqa: E402
+from tuning.tracking import (  # noqa: E402
+    CANDIDATE_TAG,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_TAG,
+    REASON_TAG,
+    STAGE_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 from tuning.trial import OBJECTIVE  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -31,14 +40,14 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @dataclass
 class SweepReport:
-    """The trials of one sweep as MLflow holds them."""
+    """The search trials of one sweep as MLflow holds them (their objective: the val split's accuracy)."""
 
     name: str
     parent_id: str
     space: SearchSpace
     table: pd.DataFrame  # one row per trial, best first
     configs: dict[str, TrainConfig]  # run_id -> the trial's full config
-    curves: dict[str, list[tuple[int, float]]]  # run_id -> [(epoch, knn_acc)]
+    parent_params: dict[str, str]  # the sweep's settings (sweep.*)
 
     @property
     def best(self) -> pd.Series:
@@ -73,15 +82,11 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     parent = find_parent(client, found.experiment_id, sweep)
     name = parent.data.tags[SWEEP_TAG]
     space = load_space(parent.data.params["sweep.space"])
-    children = client.search_runs(
-        [found.experiment_id], f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{TRIAL_TAG}` != 'sweep'", max_results=5000
-    )
-    rows, configs, curves = [], {}, {}
+    children = _stage_runs(client, found.experiment_id, name, "search")
+    rows, configs = [], {}
     for run in children:
         run_id = run.info.run_id
         configs[run_id] = config_from_params(run.data.params)
-        history = client.get_metric_history(run_id, "val_knn_acc")
-        curves[run_id] = sorted((m.step, m.value) for m in history)
         flat = configs[run_id].flat()
         rows.append({
             "trial": run.data.tags[TRIAL_TAG],
@@ -98,7 +103,36 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     table = pd.DataFrame(rows)
     if not table.empty:
         table = table.sort_values([OBJECTIVE, "epochs"], ascending=False).reset_index(drop=True)
-    return SweepReport(name, parent.info.run_id, space, table, configs, curves)
+    return SweepReport(name, parent.info.run_id, space, table, configs, dict(parent.data.params))
+
+
+def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str) -> list[Any]:
+    where = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{STAGE_TAG}` = '{stage}'"
+    return client.search_runs([experiment_id], where, max_results=5000)
+
+
+def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
+                      experiment: str = DEFAULT_EXPERIMENT) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
+    """The confirmation runs of a sweep (None when it has none) and each candidate's config."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = _stage_runs(client, client.get_experiment_by_name(experiment).experiment_id, report.name, "confirm")
+    if not runs:
+        return None
+    rows, configs = [], {}
+    for run in runs:
+        candidate = run.data.tags[CANDIDATE_TAG]
+        config = config_from_params(run.data.params)
+        configs.setdefault(candidate, config)
+        rows.append({
+            "candidate": candidate,
+            "seed": config.seed,
+            "val": run.data.metrics.get(f"val_{objective}"),
+            "test": run.data.metrics.get(f"test_{objective}"),
+            "status": run.data.tags.get(STATUS_TAG, "running"),
+            "trial": run.data.tags[TRIAL_TAG],
+            "run_id": run.info.run_id,
+        })
+    return Confirmation(pd.DataFrame(rows), objective), configs
 
 
 def format_table(report: SweepReport, top: int = 10) -> str:
@@ -107,73 +141,71 @@ def format_table(report: SweepReport, top: int = 10) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def _distribution(param: Param) -> optuna.distributions.BaseDistribution:
-    if param.kind in ("uniform", "loguniform"):
-        return optuna.distributions.FloatDistribution(param.low, param.high, log=param.kind == "loguniform")
-    if param.kind == "int":
-        return optuna.distributions.IntDistribution(param.low, param.high)
-    return optuna.distributions.CategoricalDistribution(param.choice_labels())
+def load_study(report: SweepReport, tracking_uri: str) -> optuna.Study | None:
+    """The sweep's persisted Optuna study: ``<storage>/<sweep>/optuna.db``, or the copy on the parent run."""
+    local = Path(report.parent_params.get("sweep.storage", "runs/sweeps")).expanduser() / report.name / "optuna.db"
+    if not local.is_file():
+        try:
+            local = Path(MlflowClient(tracking_uri).download_artifacts(report.parent_id, "optuna.db"))
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            return None
+    return optuna.load_study(study_name=report.name, storage=f"sqlite:///{local.resolve()}")
 
 
-def to_study(report: SweepReport) -> optuna.Study:
-    """The finished part of the sweep as an Optuna study, for Optuna's plots and importances."""
-    study = optuna.create_study(direction="maximize")
-    for _, row in report.table.iterrows():
-        params, distributions = {}, {}
-        for param in report.space.params:
-            value = row.get(param.path)
-            if value is None or (not isinstance(value, list) and pd.isna(value)):
-                continue  # a conditional parameter this trial did not sample
-            if param.kind == "choice":
-                labels = param.choice_labels()
-                value = value if value in labels else json.dumps(value)
-                if value not in labels:
-                    continue
-            params[param.path], distributions[param.path] = value, _distribution(param)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row[OBJECTIVE]))
-    return study
-
-
-def write_plots(report: SweepReport, folder: str | Path, top: int = 5) -> list[Path]:
-    """objective vs trial, parallel coordinates, hyperparameter importances, kNN curves of the top trials."""
+def write_plots(
+    study: optuna.Study | None,
+    folder: str | Path,
+    confirmation: Confirmation | None = None,
+    baselines: dict[str, tuple[float, float]] | None = None,
+) -> list[Path]:
+    """Optuna's own plots of the search (history, importances, parallel coordinates, intermediate values)
+    and the confirmation plot (test accuracy per config over seeds, with the baselines)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    by_start = report.table.sort_values("started").reset_index(drop=True)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(by_start.index + 1, by_start[OBJECTIVE], c="tab:blue", label="trial")
-    ax.plot(by_start.index + 1, by_start[OBJECTIVE].cummax(), c="tab:red", label="best so far")
-    ax.set(xlabel="trial (start order)", ylabel=OBJECTIVE, title=f"{report.name}: objective vs trial")
-    ax.legend()
-    written.append(_save(fig, folder / "objective_vs_trial.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run_id in report.table["run_id"].head(top):
-        points = report.curves.get(run_id, [])
-        if points:
-            trial = report.table.set_index("run_id").loc[run_id, "trial"]
-            ax.plot(*zip(*points, strict=True), marker="o", label=trial)
-    ax.set(xlabel="epoch", ylabel="kNN accuracy", title=f"kNN accuracy of the top {top} trials")
-    ax.legend(fontsize=7)
-    written.append(_save(fig, folder / "knn_curves_top.png"))
-
-    study = to_study(report)
-    if len(study.trials) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            axes = optuna.visualization.matplotlib.plot_parallel_coordinate(study)
-        written.append(_save(_figure_of(axes), folder / "parallel_coordinates.png"))
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError):
-            importances = {}  # too few distinct trials to fit the importance model
-        if importances:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-            ax.set(xlabel="importance (fANOVA)", title="hyperparameter importances")
-            written.append(_save(fig, folder / "param_importances.png"))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE] if study else []
+    if study is not None and study.trials:
+        vis = optuna.visualization.matplotlib
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        plots = [("optimization_history.png", lambda: vis.plot_optimization_history(study)),
+                 ("intermediate_values.png", lambda: vis.plot_intermediate_values(study))]
+        if len(complete) >= 2:
+            plots += [("parallel_coordinates.png", lambda: vis.plot_parallel_coordinate(study)),
+                      ("param_importances.png", lambda: _titled(
+                          vis.plot_param_importances(study, evaluator=evaluator),
+                          f"importances on {len(complete)} COMPLETE trials (fANOVA, seed 0)"))]
+        for name, plot in plots:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                try:
+                    axes = plot()
+                except (RuntimeError, ValueError):
+                    continue  # too few distinct trials for this plot
+            written.append(_save(_figure_of(axes), folder / name))
+    if confirmation is not None:
+        written.append(_confirmation_plot(confirmation, baselines or {}, folder / "confirmation.png"))
     return written
+
+
+def _titled(axes: Any, title: str) -> Any:
+    axes.set_title(title)
+    return axes
+
+
+def _confirmation_plot(confirmation: Confirmation, baselines: dict[str, tuple[float, float]], path: Path) -> Path:
+    summary = confirmation.summary()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for position, candidate in enumerate(summary["candidate"]):
+        scores = confirmation.test_scores(candidate)
+        ax.scatter([position] * len(scores), scores, c="tab:blue", alpha=0.6)
+        ax.errorbar(position, summary["test_mean"][position], yerr=summary["test_std"].fillna(0)[position],
+                    fmt="_", c="black", capsize=8, markersize=20)
+    for (name, (mean, _)), colour in zip(baselines.items(), ("tab:red", "tab:gray"), strict=False):
+        ax.axhline(mean, ls="--", c=colour, label=f"baseline: {name}")
+    ax.set_xticks(range(len(summary)), summary["candidate"], rotation=15)
+    ax.set(ylabel=f"test {confirmation.objective}", title="confirmation: test accuracy per config (dots: seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _figure_of(axes: Any) -> plt.Figure:

@@ -1,9 +1,13 @@
-"""A sweep: a search space and a base config -> Ray Tune trials searched by Optuna TPE, pruned by ASHA.
+"""A sweep: a search space and a base config -> Ray Tune trials searched by Optuna TPE, pruned by ASHA,
+then the top configs and the default confirmed with seeds (:mod:`tuning.confirm`).
 
-The default config runs as the first trial (Optuna's enqueued point), so every sweep
-reports how far the best trial beats it. Every trial is mirrored in MLflow. A sweep killed
-or interrupted mid-way resumes with ``resume=True``: finished trials are kept, unfinished
-ones continue from their last checkpoint, and MLflow runs are reattached, not duplicated.
+Two stages, each a Tune experiment in the sweep directory: **search** (trials select on the val
+split and never read test; the default config runs first, as Optuna's enqueued point) and
+**confirm** (the top-K configs and the default, each re-trained with S seeds; only these read
+test). Every trial of both is mirrored in MLflow, tagged with its stage. The Optuna study lives in
+``<sweep>/optuna.db``. A sweep killed or interrupted mid-way resumes with ``resume=True``:
+finished trials are kept, unfinished ones continue from their last checkpoint, and MLflow runs
+are reattached, not duplicated.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+from mlflow.entities import Metric
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from optuna.trial import TrialState
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -29,10 +38,21 @@ from ssl_train.augment import save_preview
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
-from tuning.tracking import DEFAULT_EXPERIMENT, DEFAULT_TAG, MLflowSweepCallback, default_tracking_uri, git_commit
+from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, Margin, candidates, confirmation_grid
+from tuning.tracking import (
+    CANDIDATE_TAG,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_TAG,
+    MLflowSweepCallback,
+    default_tracking_uri,
+    git_commit,
+    trial_outcome,
+)
 from tuning.trial import OBJECTIVE, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial_config
 
 SETTINGS_FILE = "ssl_tune_sweep.json"
+STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
+CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the sweep directory
 
 
 @dataclass
@@ -48,7 +68,7 @@ class SweepSettings:
     concurrency: int = 2
     searcher: str = "tpe"
     scheduler: str = "asha"
-    objective: str = "val_knn_acc"
+    objective: str = "knn_acc"
     collapse_threshold: float = 0.05
     trial_time_limit_s: float | None = None
     time_budget_s: float | None = None
@@ -59,10 +79,14 @@ class SweepSettings:
     experiment: str = DEFAULT_EXPERIMENT
     keep_best: int = 3
     address: str | None = None
+    confirm: bool = True
+    confirm_top: int = 2
+    confirm_seeds: int = 3
 
     def base_config(self) -> TrainConfig:
-        overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides]
-        if self.objective == "val_linear_acc":
+        """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
+        overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides, "eval.test_at_end=false"]
+        if self.objective == "linear_acc":
             overrides.append("eval.linear_probe=true")
         return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
 
@@ -84,19 +108,71 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
     return point
 
 
-def build_searcher(space: SearchSpace, settings: SweepSettings, base: TrainConfig) -> OptunaSearch:
+class TruthfulOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch``, telling Optuna how each trial really ended.
+
+    Ray's own tells Optuna COMPLETE for every trial that reported a value, so a trial that ASHA
+    stopped after 2 epochs teaches TPE its 2-epoch value as if it were a full run. Here only a trial
+    that trained every epoch is COMPLETE. ASHA-stopped and time-limited trials are PRUNED: TPE then
+    ranks them by the epoch they reached, from the per-epoch val values that ``on_trial_result``
+    reports as intermediate values. Diverged and collapsed trials are PRUNED too, at their objective
+    of 0, so TPE learns to avoid them; trials that raised are FAIL. The ssl-tune status and reason
+    are user attributes of the Optuna trial. Subclassing keeps Ray's ask/suggest, warm-start and
+    save/restore, which a Searcher of our own would have to repeat.
+    """
+
+    def __init__(self, *args: Any, time_limit_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.time_limit_s = time_limit_s
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if result and self.metric in result:  # Tune sends the result that ends a trial here, not to on_trial_result
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a step already reported is ignored, and says so
+                ot_trial.report(float(result[self.metric]), int(result["training_iteration"]))
+        if error:
+            status, reason = "failed", "the trial raised an error"
+        else:
+            status, reason = trial_outcome(result or {}, self.time_limit_s)
+        ot_trial.set_user_attr("ssl_tune_status", status)
+        ot_trial.set_user_attr("ssl_tune_reason", reason)
+        if status == "finished":
+            self._ot_study.tell(ot_trial, float(result[self.metric]), state=TrialState.COMPLETE)
+        else:
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def study_storage(path: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{path / STUDY_FILE}")
+
+
+def build_searcher(space: SearchSpace, settings: SweepSettings, base: TrainConfig, path: Path) -> OptunaSearch:
+    """Optuna TPE (multivariate; constant liar when trials run at once; grouped for ``when:``) or random."""
+    conditional = any(param.when for param in space.params)
     sampler = (
-        optuna.samplers.TPESampler(multivariate=True, seed=settings.seed, n_startup_trials=max(3, settings.trials // 4))
+        optuna.samplers.TPESampler(
+            multivariate=True, group=conditional, constant_liar=settings.concurrency > 1, seed=settings.seed,
+            n_startup_trials=max(3, settings.trials // 4),
+        )
         if settings.searcher == "tpe"
         else optuna.samplers.RandomSampler(seed=settings.seed)
     )
-    return OptunaSearch(
-        space=space.suggest,
-        metric=OBJECTIVE,
-        mode="max",
-        sampler=sampler,
-        points_to_evaluate=[default_point(space, base)],
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group, constant_liar
+        return TruthfulOptunaSearch(
+            space=space.suggest,
+            metric=OBJECTIVE,
+            mode="max",
+            sampler=sampler,
+            points_to_evaluate=[default_point(space, base)],
+            study_name=settings.name,
+            storage=study_storage(path),
+            time_limit_s=settings.trial_time_limit_s,
+        )
 
 
 def build_scheduler(settings: SweepSettings, max_epochs: int) -> tune.schedulers.TrialScheduler:
@@ -137,8 +213,16 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
         folder = Path(tempfile.mkdtemp(prefix=f"trial-{trial.trial_id}-", dir=workdir))
         artifacts = [config.save(folder / "config.yaml")]
         artifacts.append(save_preview(config, preview_images, folder / "augment_preview.png", seed=config.seed))
-        is_default = all(trial.config.get(k) == v for k, v in default_values.items())
+        confirm = trial.config.get(CONFIRM_KEY)
+        if confirm:
+            is_default = confirm["candidate"] == DEFAULT_CANDIDATE
+            names = {MLFLOW_RUN_NAME: f"confirm-{confirm['candidate']}-seed{confirm['seed_index']}",
+                     CANDIDATE_TAG: confirm["candidate"]}
+        else:
+            is_default = all(trial.config.get(k) == v for k, v in default_values.items())
+            names = {MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
         tags = {
+            **names,
             DEFAULT_TAG: str(is_default).lower(),
             "method": config.method,
             "dataset": config.data.source if config.data.source != "folder" else str(config.data.path),
@@ -151,13 +235,59 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
     return describe
 
 
-def run_sweep(
-    settings: SweepSettings, resume: bool = False, interruption: Interruption | None = None
-) -> tune.ResultGrid:
-    """Run (or resume) a sweep and return Tune's results; the MLflow runs are written as it goes.
+@dataclass
+class _Stage:
+    """What the search and the confirmation stage share: settings, base config, space, data, directory."""
 
-    With an ``interruption``, Ctrl-C/SIGTERM stop the sweep resumably and are recorded there.
-    """
+    settings: SweepSettings
+    base: TrainConfig
+    space: SearchSpace
+    splits: Any
+    path: Path
+
+    def trainable(self) -> Any:
+        return tune.with_resources(
+            tune.with_parameters(run_trial, base_config=self.base.to_dict(), objective=self.settings.objective,
+                                 splits=self.splits),
+            trial_resources(self.base),
+        )
+
+    def callback(self, stage: str) -> MLflowSweepCallback:
+        workdir = self.path / "mlflow-staging"
+        workdir.mkdir(parents=True, exist_ok=True)
+        settings = self.settings
+        return MLflowSweepCallback(
+            tracking_uri=settings.tracking_uri,
+            sweep_name=settings.name,
+            experiment=settings.experiment,
+            describe_trial=_trial_describer(self.base, self.space, self.space.source, self.splits.preview(8), workdir),
+            sweep_tags={"method": self.base.method, "dataset": self.base.data.source,
+                        "search_space": self.space.source},
+            sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
+            stage=stage,
+            trial_time_limit_s=settings.trial_time_limit_s,
+        )
+
+    def run_config(self, name: str, storage: Path, stage: str) -> tune.RunConfig:
+        settings = self.settings
+        return tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
+            callbacks=[self.callback(stage)],
+            verbose=1,
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"epoch": "epoch", "loss": "loss", OBJECTIVE: OBJECTIVE, "status": "status"},
+                parameter_columns=(self.space.searched_keys() if stage == "search"
+                                   else {f"{CONFIRM_KEY}/candidate": "config", f"{CONFIRM_KEY}/seed_index": "seed"}),
+                max_report_frequency=15,
+                sort_by_metric=True,
+            ),
+        )
+
+
+def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
+    """Check everything a sweep needs before any trial: settings, space, tracking server, data, cluster."""
     if resume:
         settings = load_settings(settings)
     settings.name = settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -167,71 +297,90 @@ def run_sweep(
         raise ConfigError(
             f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
         )
-    path = sweep_path(settings)
-    tracking_uri = settings.tracking_uri = settings.tracking_uri or default_tracking_uri()
+    if settings.confirm and (settings.confirm_top < 1 or settings.confirm_seeds < 1):
+        raise ConfigError(f"--confirm-top {settings.confirm_top} / --confirm-seeds {settings.confirm_seeds}: "
+                          "both must be >= 1 (or --no-confirm)")
+    settings.tracking_uri = settings.tracking_uri or default_tracking_uri()
 
     from tuning.tracking import check_reachable
 
-    check_reachable(tracking_uri)  # before any trial starts
+    check_reachable(settings.tracking_uri)  # before any trial starts
     splits = load_splits(base.data)  # bad data fails here, once, not in every trial
     print(splits.summary())
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_config=base.to_dict(), objective=settings.objective, splits=splits),
-        trial_resources(base),
-    )
-    workdir = path / "mlflow-staging"
-    workdir.mkdir(parents=True, exist_ok=True)
-    callback = MLflowSweepCallback(
-        tracking_uri=tracking_uri,
-        sweep_name=settings.name,
-        experiment=settings.experiment,
-        describe_trial=_trial_describer(base, space, space.source, splits.preview(8), workdir),
-        sweep_tags={"method": base.method, "dataset": base.data.source, "search_space": space.source},
-        sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
-        trial_time_limit_s=settings.trial_time_limit_s,
-    )
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    return _Stage(settings, base, space, splits, sweep_path(settings))
+
+
+def run_sweep(
+    settings: SweepSettings, resume: bool = False, interruption: Interruption | None = None
+) -> tuple[tune.ResultGrid, tune.ResultGrid | None]:
+    """Run (or resume) a sweep's search and confirmation; return both stages' Tune results.
+
+    The MLflow runs are written as it goes. With an ``interruption``, Ctrl-C/SIGTERM stop the
+    sweep resumably and are recorded there (the confirmation stage then does not start).
+    ``settings`` is updated in place with what a resumed sweep started with.
+    """
+    stage = _prepare(settings, resume)
+    if resume:
+        settings.__dict__.update(stage.settings.__dict__)
+    settings = stage.settings
+    path = stage.path
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{path}'")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(path), stage.trainable(), resume_unfinished=True, resume_errored=True)
     else:
         if path.exists() and tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"sweep '{settings.name}' already exists at {path}; use --resume {settings.name}")
         save_settings(settings, path)
         tuner = tune.Tuner(
-            trainable,
+            stage.trainable(),
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE,
                 mode="max",
-                search_alg=build_searcher(space, settings, base),
-                scheduler=build_scheduler(settings, base.optim.epochs),
+                search_alg=build_searcher(stage.space, settings, stage.base, path),
+                scheduler=build_scheduler(settings, stage.base.optim.epochs),
                 num_samples=settings.trials,
                 max_concurrent_trials=settings.concurrency,
                 time_budget_s=settings.time_budget_s,
                 reuse_actors=True,  # ~3 s less start-up per trial on a small machine
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(
-                name=settings.name,
-                storage_path=str(path.parent),
-                stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
-                callbacks=[callback],
-                verbose=1,
-                progress_reporter=tune.CLIReporter(
-                    metric_columns={"epoch": "epoch", "loss": "loss", OBJECTIVE: OBJECTIVE, "status": "status"},
-                    parameter_columns=space.searched_keys(),
-                    max_report_frequency=15,
-                    sort_by_metric=True,
-                ),
-            ),
+            run_config=stage.run_config(settings.name, path.parent, "search"),
         )
     with interruption or contextlib.nullcontext():  # after ray.init, which installs its own SIGTERM handler
-        return tuner.fit()
+        search = tuner.fit()
+        if not settings.confirm or (interruption is not None and interruption.interrupted):
+            return search, None
+        return search, _run_confirmation(stage)
+
+
+def _run_confirmation(stage: _Stage) -> tune.ResultGrid:
+    """The top-K search configs and the default, S seeds each, at the full epoch budget, as Tune trials."""
+    from tuning.report import load_report
+
+    settings, path = stage.settings, stage.path / CONFIRM_DIR
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), stage.trainable(), resume_unfinished=True, resume_errored=True)
+    else:
+        report = load_report(settings.tracking_uri, settings.name, settings.experiment)
+        chosen = candidates(report.table, stage.space.searched_keys(), settings.confirm_top)
+        grid = confirmation_grid(chosen, settings.confirm_seeds, stage.base.seed)
+        print(f"\nconfirming {len(chosen)} configs ({', '.join(chosen)}) with {settings.confirm_seeds} seeds each, "
+              f"{stage.base.optim.epochs} epochs (the search trials' full budget): {len(grid)} runs")
+        tuner = tune.Tuner(
+            stage.trainable(),
+            param_space={CONFIRM_KEY: tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(
+                num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=stage.run_config(CONFIRM_DIR, stage.path, "confirm"),
+        )
+    return tuner.fit()
 
 
 class Interruption:
@@ -289,17 +438,34 @@ def load_settings(settings: SweepSettings) -> SweepSettings:
 class SweepOutcome:
     name: str
     path: Path
-    table_text: str
-    best_config_path: Path
-    best_objective: float
-    default_objective: float | None
+    table_text: str  # the search trials, best val first
+    best_config_path: Path  # the confirmed winner (the best search trial with --no-confirm)
+    confirmation_text: str | None  # per-config test mean ± std, baselines, margin and verdict
+    margin: Margin | None
     parent_run_id: str
 
 
-def finish_sweep(settings: SweepSettings, results: tune.ResultGrid) -> SweepOutcome:
-    """After the last trial: best config YAML, tables and plots on the parent run, weights of the top trials."""
-    from ssl_train.run import export_backbone
-    from tuning.report import format_table, load_report, write_plots, write_tables
+def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
+    """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds)."""
+    from ssl_train.evaluate import evaluate_backbone, pixel_knn_accuracy
+    from ssl_train.loop import build_model
+
+    protocol = f"kNN k={base.eval.knn_k} T={base.eval.knn_temperature}"
+    random_init = [
+        evaluate_backbone(build_model(base.replace({"seed": base.seed + index})).backbone, splits, base.eval,
+                          split="test")[f"test_{objective}"]
+        for index in range(seeds)
+    ]
+    return {f"raw pixels ({protocol})": (pixel_knn_accuracy(splits, base.eval), 0.0),
+            f"random-init backbone ({objective})": (float(np.mean(random_init)), float(np.std(random_init, ddof=1))
+                                                     if seeds > 1 else 0.0)}
+
+
+def finish_sweep(
+    settings: SweepSettings, search: tune.ResultGrid, confirm: tune.ResultGrid | None = None
+) -> SweepOutcome:
+    """After the last trial: the winner's config YAML, tables and plots on the parent run, the winner's weights."""
+    from tuning.report import format_table, load_confirmation, load_report, load_study, write_plots, write_tables
     from tuning.tracking import SweepTracker, TrackingError
 
     path = sweep_path(settings)
@@ -315,31 +481,60 @@ def finish_sweep(settings: SweepSettings, results: tune.ResultGrid) -> SweepOutc
         raise RuntimeError(f"sweep {settings.name} has no trials in MLflow")
     tracker.parent_id = report.parent_id
     client = tracker.client
+    base = settings.base_config()
 
-    best = report.best
-    best_config_path = report.configs[best["run_id"]].save(path / "best_config.yaml")
-    artifacts = [best_config_path, *write_tables(report, path), *write_plots(report, path / "plots")]
+    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment)
+    confirmation, margin, text, reference = None, None, None, {}
+    if loaded is not None and settings.confirm:
+        confirmation, configs = loaded
+        reference = baselines(base, load_splits(base.data), settings.confirm_seeds, settings.objective)
+        margin = confirmation.margin()
+        text = confirmation.format(reference)
+        winner = configs[confirmation.winner].replace({"seed": base.seed})
+        summary = confirmation.summary().set_index("candidate")
+        client.log_batch(report.parent_id, metrics=[
+            Metric(key, float(value), int(time.time() * 1000), 0) for key, value in {
+                "confirm_margin": margin.difference, "confirm_margin_low": margin.low,
+                "confirm_margin_high": margin.high,
+                f"winner_test_{settings.objective}": summary.loc[confirmation.winner, "test_mean"],
+                f"default_test_{settings.objective}": summary.loc[DEFAULT_CANDIDATE, "test_mean"],
+                **{f"baseline_{i}_test": mean for i, (mean, _) in enumerate(reference.values())},
+            }.items() if np.isfinite(value)])
+        client.set_tag(report.parent_id, "ssl_tune.winner", confirmation.winner)
+        confirmation.runs.to_csv(path / "confirmation.csv", index=False)
+        artifacts = [path / "confirmation.csv"]
+        weights = {r.metrics.get("trial_id"): r.checkpoint for r in (confirm or []) if r.checkpoint is not None}
+        keep = confirmation.runs[confirmation.runs["candidate"] == confirmation.winner]
+    else:
+        winner = report.configs[report.best["run_id"]]
+        artifacts = []
+        weights = {r.metrics.get("trial_id"): r.checkpoint for r in search if r.checkpoint is not None}
+        keep = report.table[report.table["status"] == "finished"].head(settings.keep_best)
+    # A re-run of the winner writes to a run directory of its own (not into the sweep) and reports test.
+    best_config_path = winner.replace({"output_dir": TrainConfig.output_dir, "eval.test_at_end": True}).save(
+        path / "best_config.yaml")
+    study = load_study(report, settings.tracking_uri)
+    artifacts += [best_config_path, *write_tables(report, path), path / STUDY_FILE,
+                  *write_plots(study, path / "plots", confirmation, reference)]
     for artifact in artifacts:
-        client.log_artifact(report.parent_id, str(artifact), "plots" if artifact.parent.name == "plots" else None)
+        if artifact.exists():
+            client.log_artifact(report.parent_id, str(artifact), "plots" if artifact.parent.name == "plots" else None)
+    _log_backbones(client, keep, weights, winner)
+    client.log_metric(report.parent_id, f"best_search_val_{settings.objective}", float(report.best[OBJECTIVE]))
+    client.set_terminated(report.parent_id, "FINISHED")
+    return SweepOutcome(
+        name=settings.name, path=path, table_text=format_table(report), best_config_path=best_config_path,
+        confirmation_text=text, margin=margin, parent_run_id=report.parent_id,
+    )
 
-    checkpoints = {r.metrics.get("trial_id"): r.checkpoint for r in results if r.checkpoint is not None}
-    finished = report.table[report.table["status"] == "finished"].head(settings.keep_best)
-    for _, row in finished.iterrows():
+
+def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Any], config: TrainConfig) -> None:
+    """``backbone.pt`` of each run in ``rows`` (columns trial, run_id) whose Tune checkpoint is at hand."""
+    from ssl_train.run import export_backbone
+
+    for _, row in rows.iterrows():
         checkpoint = checkpoints.get(row["trial"])
         if checkpoint is not None:
             with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as staging:
-                weights = export_backbone(directory, report.configs[row["run_id"]], Path(staging) / "backbone.pt")
+                weights = export_backbone(directory, config, Path(staging) / "backbone.pt")
                 client.log_artifact(row["run_id"], str(weights))
-
-    default = report.default_trial()
-    client.log_metric(report.parent_id, f"best_{OBJECTIVE}", float(best[OBJECTIVE]))
-    client.set_terminated(report.parent_id, "FINISHED")
-    return SweepOutcome(
-        name=settings.name,
-        path=path,
-        table_text=format_table(report),
-        best_config_path=best_config_path,
-        best_objective=float(best[OBJECTIVE]),
-        default_objective=None if default is None else float(default[OBJECTIVE]),
-        parent_run_id=report.parent_id,
-    )

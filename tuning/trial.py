@@ -6,6 +6,10 @@ A trial that asks for 2+ workers runs a Ray Train ``TorchTrainer`` inside the tr
 forwards its reports with ``TuneReportCallback``; the trial itself then holds only a sliver
 of a CPU. Either way the trial reports ``objective``: the held-out accuracy, or 0 for a
 diverged or collapsed run, which also ends the trial early.
+
+A search trial's params are the searcher's dotted overrides; a confirmation trial's params hold one
+``confirm`` entry (candidate, seed, overrides; see :mod:`tuning.confirm`). :func:`trial_overrides`
+reads either.
 """
 
 from __future__ import annotations
@@ -21,21 +25,30 @@ from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
 from ssl_train.distributed import build_trainer, checkpoint_state
 from ssl_train.loop import COLLAPSED, DIVERGED, WorkerContext, in_process_device, train_loop
+from tuning.confirm import CONFIRM_KEY
 
 OBJECTIVE = "objective"
 TRIAL_CPU_WHEN_DISTRIBUTED = 0.01  # the trial only waits on its TorchTrainer; 0 is rejected by Tune
 
 
-def trial_config(base: dict[str, Any], overrides: dict[str, Any], trial_dir: str) -> TrainConfig:
-    """The full config of a trial: base + the searcher's dotted overrides, writing into the trial dir."""
-    return from_dict(base).replace({**overrides, "output_dir": trial_dir})
+def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config overrides of a trial: the searcher's params, or a confirmation run's."""
+    return params[CONFIRM_KEY]["overrides"] if CONFIRM_KEY in params else params
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_dir: str) -> TrainConfig:
+    """The full config of a trial: base + its dotted overrides, writing into the trial dir."""
+    return from_dict(base).replace({**trial_overrides(params), "output_dir": trial_dir})
 
 
 def objective_value(metrics: dict[str, Any], objective: str, previous: float) -> float:
-    """The number the searcher and scheduler see: 0 for a broken run, else the accuracy (kept when not measured)."""
+    """The number the searcher and scheduler see: 0 for a broken run, else the val accuracy (kept when not measured).
+
+    ``objective`` names the accuracy (``knn_acc``, ``linear_acc``); the value is always the val split's.
+    """
     if metrics.get("status") in (DIVERGED, COLLAPSED):
         return 0.0
-    return float(metrics.get(objective, previous))
+    return float(metrics.get(f"val_{objective}", previous))
 
 
 def run_trial(

@@ -1,0 +1,127 @@
+"""Confirmation: the top configs of a search and the default, re-trained with several seeds, judged on test.
+
+The search selects on the val split, so the val score of its best trial is optimistic (it is the
+maximum of many noisy values). Confirmation re-trains each of the top-K configs and the base
+config at the full epoch budget with S seeds (a seed changes the initial weights, the data order
+and the augmentations), picks the winner by its mean **val** score, and only then reads the
+**test** split: the test mean ± std of each config, and the winner's margin over the default with
+a 95 % interval (Welch's t over seeds). This module holds the pure parts: which configs, the grid of
+runs, and the arithmetic; :mod:`tuning.sweep` runs the grid as Tune trials.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+DEFAULT_CANDIDATE = "default"
+CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
+
+
+def candidates(table: pd.DataFrame, searched_keys: list[str], top_k: int) -> dict[str, dict[str, Any]]:
+    """The base config (``{}``) and the searched values of the ``top_k`` best full-budget search trials.
+
+    ``table`` holds the search trials best first (:func:`tuning.report.load_report`). Only trials that
+    trained every epoch qualify (a pruned trial's value is of fewer epochs); the default trial is
+    not counted among the K, so there are always K + 1 configs when the search finished K others.
+    """
+    chosen: dict[str, dict[str, Any]] = {DEFAULT_CANDIDATE: {}}
+    finished = table[(table["status"] == "finished") & ~table["is_default"]]
+    for _, row in finished.head(top_k).iterrows():
+        chosen[f"trial_{row['trial']}"] = {key: row[key] for key in searched_keys if key in row}
+    return chosen
+
+
+def confirmation_grid(chosen: dict[str, dict[str, Any]], seeds: int, base_seed: int) -> list[dict[str, Any]]:
+    """One entry per (config, seed): the Tune grid of the confirmation stage."""
+    return [
+        {"candidate": name, "seed_index": index,
+         "overrides": {**overrides, "seed": base_seed + index, "eval.test_at_end": True}}
+        for name, overrides in chosen.items()
+        for index in range(seeds)
+    ]
+
+
+@dataclass
+class Margin:
+    """Winner minus default on test: the mean difference and its 95 % interval (Welch's t)."""
+
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        """Better than the default at 95 %: the whole interval lies above 0."""
+        return self.low > 0
+
+    def verdict(self, winner: str) -> str:
+        if winner == DEFAULT_CANDIDATE:
+            return "verdict: the default config is the winner; the search found nothing better on val"
+        if not math.isfinite(self.low):
+            return (f"verdict: cannot tell; {winner} leads by {self.difference:+.4f} on test, "
+                    "but one seed per config gives no interval (use --confirm-seeds 3 or more)")
+        if self.significant:
+            return f"verdict: {winner} is better than the default at 95 % ({self.difference:+.4f} on test)"
+        return (f"verdict: {winner} is NOT better than the default at 95 % "
+                f"(interval [{self.low:+.4f}, {self.high:+.4f}] includes 0)")
+
+
+def welch_margin(winner: list[float], default: list[float], confidence: float = 0.95) -> Margin:
+    """Mean(winner) - mean(default) with Welch's t interval; an infinite interval when either has 1 value."""
+    a, b = np.asarray(winner, dtype=float), np.asarray(default, dtype=float)
+    difference = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return Margin(difference, -math.inf, math.inf)
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:  # identical seeds: no spread, the interval is the point
+        return Margin(difference, difference, difference)
+    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return Margin(difference, float(interval.low), float(interval.high))
+
+
+@dataclass
+class Confirmation:
+    """The confirmation runs of one sweep, summarised per config."""
+
+    runs: pd.DataFrame  # one row per run: candidate, seed, val, test, status, run_id
+    objective: str  # e.g. "knn_acc": the runs' val_<objective> and test_<objective>
+
+    def summary(self) -> pd.DataFrame:
+        """Per config: mean and std of val and test over its seeds, best mean val first."""
+        finished = self.runs[self.runs["status"] == "finished"]
+        grouped = finished.groupby("candidate").agg(
+            seeds=("seed", "count"), val_mean=("val", "mean"), val_std=("val", "std"),
+            test_mean=("test", "mean"), test_std=("test", "std"),
+        )
+        return grouped.sort_values("val_mean", ascending=False).reset_index()
+
+    @property
+    def winner(self) -> str:
+        """The config with the best mean val over its seeds (test plays no part in the choice)."""
+        return str(self.summary().iloc[0]["candidate"])
+
+    def test_scores(self, candidate: str) -> list[float]:
+        rows = self.runs[(self.runs["candidate"] == candidate) & (self.runs["status"] == "finished")]
+        return rows["test"].tolist()
+
+    def margin(self) -> Margin:
+        return welch_margin(self.test_scores(self.winner), self.test_scores(DEFAULT_CANDIDATE))
+
+    def format(self, baselines: dict[str, tuple[float, float]]) -> str:
+        """The table, the baselines, the margin and the verdict, as printed at the end of a sweep."""
+        table = self.summary()
+        lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), ""]
+        for name, (mean, std) in baselines.items():
+            lines.append(f"baseline {name}: test {mean:.4f}" + (f" ± {std:.4f}" if std else ""))
+        margin = self.margin()
+        seeds = int(table["seeds"].min()) if len(table) else 0
+        lines.append(f"winner (best mean val): {self.winner}; margin over the default on test: "
+                     f"{margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, {margin.high:+.4f}] "
+                     f"(Welch's t, {seeds} seeds each)")
+        lines.append(margin.verdict(self.winner))
+        return "\n".join(lines)
