@@ -32,7 +32,7 @@ SMALL = [  # a smaller backbone and image than the demo default, so that many sw
 def sweep_curve(settings: SweepSettings) -> tuple[pd.DataFrame, float, float]:
     """(per-report table in time order with cumulative epochs and best-so-far, wall s, training s)."""
     started = time.perf_counter()
-    results = run_sweep(settings)
+    results, _ = run_sweep(settings)  # confirm=False below: this compares the search stages
     wall = time.perf_counter() - started
     frames, training = [], 0.0
     for result in results:
@@ -68,12 +68,14 @@ def main() -> None:
         common = dict(overrides=overrides, concurrency=1, seed=seed, storage=str(workdir / "sweeps"),
                       tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", experiment="bench", min_epochs=args.grace)
         random_curve, random_wall, random_train = sweep_curve(
-            SweepSettings(name=f"random-{seed}", searcher="random", scheduler="none", trials=args.random_trials,
+            SweepSettings(
+                confirm=False, name=f"random-{seed}", searcher="random", scheduler="none", trials=args.random_trials,
                           **common))
         budget = int(random_curve["epochs_trained"].iloc[-1])
         random_best = float(random_curve["best_so_far"].iloc[-1])
         tpe_curve, tpe_wall, tpe_train = sweep_curve(
-            SweepSettings(name=f"tpe-{seed}", searcher="tpe", scheduler="asha", trials=2 * args.random_trials,
+            SweepSettings(
+                confirm=False, name=f"tpe-{seed}", searcher="tpe", scheduler="asha", trials=2 * args.random_trials,
                           **common))
         within_budget = tpe_curve[tpe_curve["epochs_trained"] <= budget]
         needed = epochs_to_reach(tpe_curve, random_best)

@@ -160,7 +160,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides += [f"{key}={json.dumps(value)}" for key, value in scaling_overrides(args).items()]
     settings = SweepSettings(
         space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
-        trials=args.trials, min_epochs=args.min_epochs, concurrency=args.concurrency, searcher=args.searcher,
+        trials=args.trials or (0 if args.resume else SweepSettings.trials), min_epochs=args.min_epochs,
+        concurrency=args.concurrency, searcher=args.searcher,
         scheduler=args.scheduler, objective=args.objective, seed=args.seed, name=args.resume or args.name,
         storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
     add_config_arguments(tune)
     tune.add_argument("--space", default="byol", help="search space: byol | swav | augment | path/to/space.yaml")
-    tune.add_argument("--trials", type=int, default=12, help="number of trials (default 12)")
+    tune.add_argument("--trials", type=int, help="number of search trials (default 12); with --resume NAME, "
+                      "extends a finished sweep to this many")
     tune.add_argument("--epochs", type=int, help=f"epochs of a trial that is not pruned (sets optim.epochs; "
                       f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
     tune.add_argument("--min-epochs", type=int, default=2, help="epochs before ASHA may prune a trial")
@@ -287,13 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from search_spaces import SearchSpaceError
     from ssl_train.data import DataError
     from ssl_train.loop import RunFailedError
     from tuning.tracking import TrackingError
 
+    errors = (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError, SearchSpaceError, TrackingError)
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError, TrackingError) as error:
+    except errors as error:
         print(f"ssl-tune: error: {error}", file=sys.stderr)
         return 2
 

@@ -71,6 +71,8 @@ class OptimConfig:
     batch_size: int = 64
     epochs: int = 20
     warmup_epochs: int = 2
+    warmup_start_lr: float = 0.0  # the lr the warm-up starts from (SwAV: 0.3 for a 4.8 base)
+    final_lr: float = 0.0  # the lr the cosine decays to (SwAV: 0.0048)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     exclude_bias_and_norm: bool = True
@@ -379,6 +381,8 @@ def validate(c: TrainConfig) -> None:
     _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
     _require(o.batch_size >= 2, "optim.batch_size", o.batch_size, "must be >= 2 (BatchNorm needs 2 samples)")
     _require(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    _require(o.warmup_start_lr >= 0, "optim.warmup_start_lr", o.warmup_start_lr, "must be >= 0 (an lr)")
+    _require(o.final_lr >= 0, "optim.final_lr", o.final_lr, "must be >= 0 (an lr)")
     _require(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", o.warmup_epochs,
              f"must lie in [0, optim.epochs={o.epochs}]")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

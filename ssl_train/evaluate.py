@@ -60,6 +60,9 @@ def knn_predict(
 ) -> torch.Tensor:
     """Weighted kNN (Wu et al. 2018): the k most cosine-similar train samples vote with weight exp(sim / T).
 
+    The weights are computed relative to each row's best similarity, which leaves the vote unchanged
+    and keeps it finite for any temperature (float32 ``exp(1 / 0.01)`` is inf).
+
     ``k`` is clipped to the number of train samples. Returns int64 class predictions ``[M]``.
     """
     _check_pair(train_features, train_labels, "train")
@@ -81,7 +84,9 @@ def knn_predict(
         similarity = F.normalize(chunk.float().to(train.device), dim=1) @ train.T
         top_sim, top_idx = similarity.topk(k, dim=1)
         votes = torch.zeros(len(chunk), num_classes, device=train.device)
-        votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())
+        # exp((sim - max sim) / T): the same argmax as exp(sim / T), finite at any T > 0 (no inf votes).
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
+        votes.scatter_add_(1, labels[top_idx], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions).cpu()
 

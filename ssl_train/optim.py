@@ -100,30 +100,37 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
 
 
 class WarmupCosine:
-    """lr factor at optimiser step k: ``k / W`` for k < W, then ``(1 + cos(pi (k - W) / (T - W))) / 2``, 0 from T on.
+    """lr factor at optimiser step k, for start factor s and final factor f (both relative to the base lr):
+    ``s + (1 - s) k / W`` for k < W, then ``f + (1 - f) (1 + cos(pi (k - W) / (T - W))) / 2``, f from T on.
 
-    The official BYOL schedule (``schedules.learning_schedule``). A class, not a lambda, so
-    ``LambdaLR.state_dict`` saves it.
+    With s = f = 0 this is the official BYOL schedule (``schedules.learning_schedule``); SwAV's
+    ``main_swav.py`` warms up from ``start_warmup`` and decays to ``final_lr``. A class, not a
+    lambda, so ``LambdaLR.state_dict`` saves it.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, start: float = 0.0, final: float = 0.0) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        self.start = start
+        self.final = final
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return step / self.warmup_steps
+            return self.start + (1.0 - self.start) * step / self.warmup_steps
         if step >= self.total_steps:
-            return 0.0
+            return self.final
         progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_epochs`` from 0 to the base lr, then cosine decay to 0 at ``epochs``."""
+    """Linear warm-up over ``warmup_epochs`` from ``warmup_start_lr`` to the base lr, then cosine decay to
+    ``final_lr`` at ``epochs`` (both 0 by default: BYOL's schedule)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
-    schedule = WarmupCosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+    base = base_lr(config)
+    schedule = WarmupCosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
+                            start=config.warmup_start_lr / base, final=config.final_lr / base)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -204,3 +204,16 @@ def test_evaluate_backbone_on_digit_images(digits, linear_probe):
     assert set(val) == {f"val_{name}" for name in expected} and val["val_feature_rank"] <= 50
     with pytest.raises(ValueError, match="'val' or 'test'"):
         evaluate_backbone(backbone, splits, config, split="train")
+
+
+def test_knn_vote_is_stable_at_a_tiny_temperature():
+    """Two exact class-1 neighbours and one near class-0 neighbour: class 1 wins at any T > 0.
+
+    Without subtracting the maximum, exp(1 / 0.01) overflows float32 and every vote is inf (argmax -> 0).
+    """
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.99, 0.141]])
+    labels = torch.tensor([1, 1, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    for temperature in (1.0, 0.1, 0.01, 1e-4):
+        assert knn_predict(train, labels, query, num_classes=2, k=3, temperature=temperature).tolist() == [1]
+    assert torch.isinf(torch.tensor(1.0 / 0.01).exp())  # the overflow the shift avoids

@@ -118,3 +118,17 @@ def test_bad_config_fails_before_work(capsys, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["train", "--tracking-uri", uri, "--output", str(tmp_path), "--set", "optim.batch_size=1500"]) == 2
     assert "only 1005 images" in capsys.readouterr().err
+
+
+def test_the_loop_passes_the_global_step_to_tau(digits8):
+    """tau after each epoch's last step is the per-step cosine (Grill et al. Sec. 3.2) at that global step k."""
+    from ssl_train.byol import tau_schedule
+
+    config = load_config(overrides=[*TINY, "optim.epochs=3", "optim.warmup_epochs=0", "byol.tau_base=0.9"])
+    result = train_loop(config, lambda m, c: None, splits=digits8)
+    steps_per_epoch = len(digits8.ssl_train) // config.optim.batch_size  # full global batches only
+    total = 3 * steps_per_epoch
+    expected = [tau_schedule((epoch + 1) * steps_per_epoch - 1, total, 0.9) for epoch in range(3)]
+    assert [m["tau"] for m in result.history] == pytest.approx(expected, abs=1e-12)
+    # A per-epoch schedule (k = epoch, K = epochs) would give other values: the test can tell them apart.
+    assert expected != pytest.approx([tau_schedule(epoch, 3, 0.9) for epoch in range(3)], abs=1e-3)

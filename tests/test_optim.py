@@ -145,3 +145,15 @@ def test_bad_steps_per_epoch_is_rejected() -> None:
     config = OptimConfig()
     with pytest.raises(ValueError, match="steps_per_epoch"):
         build_scheduler(build_optimizer(small_model(), config), config, 0)
+
+
+def test_swav_schedule_warms_up_from_and_decays_to_the_papers_lrs() -> None:
+    """SwAV's main_swav.py: linear warm-up from 0.3 to the base 4.8, cosine to final_lr 0.0048 (k=0..T)."""
+    config = OptimConfig(optimizer="lars", lr=4.8, epochs=10, warmup_epochs=2, warmup_start_lr=0.3, final_lr=0.0048)
+    seen = lrs(config, steps_per_epoch=5, steps=51)
+    assert seen[0] == pytest.approx(0.3)
+    assert seen[5] == pytest.approx(0.3 + (4.8 - 0.3) * 5 / 10)  # halfway through the warm-up
+    assert seen[10] == pytest.approx(4.8)
+    assert seen[30] == pytest.approx(0.0048 + (4.8 - 0.0048) / 2)  # middle of the cosine
+    assert seen[50] == pytest.approx(0.0048)
+    assert all(a >= b for a, b in itertools.pairwise(seen[10:]))

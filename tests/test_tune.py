@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -18,7 +19,7 @@ from ssl_train.cli import main
 from ssl_train.config import ConfigError, load_config
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep
-from tuning.tracking import REASON_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
+from tuning.tracking import CANDIDATE_TAG, REASON_TAG, STAGE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
 
 TINY = [
     "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
@@ -37,10 +38,10 @@ params:
 """
 
 
-def children(client: MlflowClient, sweep: str):
+def children(client: MlflowClient, sweep: str, stage: str = "search"):
     experiment = client.get_experiment_by_name("ssl-tune-test")
     return client.search_runs(
-        [experiment.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` != 'sweep'"
+        [experiment.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{STAGE_TAG}` = '{stage}'"
     )
 
 
@@ -51,19 +52,21 @@ def space_file(tmp_path_factory):
     return path
 
 
-def test_sweep_logs_every_trial_to_a_real_mlflow_server(ray_cluster, mlflow_server, space_file, tmp_path):
+def test_sweep_selects_on_val_and_confirms_on_test_with_a_real_mlflow_server(
+    ray_cluster, mlflow_server, space_file, tmp_path
+):
     settings = SweepSettings(
         space=str(space_file), overrides=[*TINY, "optim.epochs=3"], trials=5, min_epochs=1, concurrency=2,
         name="logged", storage=str(tmp_path / "sweeps"), tracking_uri=mlflow_server, experiment="ssl-tune-test",
-        keep_best=1, seed=3,
+        seed=3, confirm_top=1, confirm_seeds=2,
     )
-    results = run_sweep(settings)
-    outcome = finish_sweep(settings, results)
-    assert len(results) == 5
+    search, confirm = run_sweep(settings)
+    outcome = finish_sweep(settings, search, confirm)
+    assert len(search) == 5
 
     client = MlflowClient(mlflow_server)
     runs = children(client, "logged")
-    assert len(runs) == 5  # one child per trial
+    assert len(runs) == 5  # one child per search trial
     parent_id = outcome.parent_run_id
     assert all(run.data.tags["mlflow.parentRunId"] == parent_id for run in runs)
     assert len({run.data.tags[TRIAL_TAG] for run in runs}) == 5
@@ -71,6 +74,8 @@ def test_sweep_logs_every_trial_to_a_real_mlflow_server(ray_cluster, mlflow_serv
     flat_keys = set(load_config().flat())
     for run in runs:
         assert flat_keys <= set(run.data.params)  # the full config, not only the searched keys
+        assert not [key for key in run.data.metrics if key.startswith("test_")]  # search trials never read test
+        assert run.data.params["eval.test_at_end"] == "False"
         status = run.data.tags[STATUS_TAG]
         lr = float(run.data.params["optim.lr"])
         if lr > 1:
@@ -84,24 +89,77 @@ def test_sweep_logs_every_trial_to_a_real_mlflow_server(ray_cluster, mlflow_serv
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "augment_preview.png"} <= artifacts
 
-    parent_artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"best_config.yaml", "trials.csv", "trials.parquet", "plots"} <= parent_artifacts
-    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
-    assert {"objective_vs_trial.png", "knn_curves_top.png", "parallel_coordinates.png"} <= plots
+    # Confirmation: (K + 1) x S child runs, the only ones with a test score, all at the full 3 epochs.
+    confirmed = children(client, "logged", stage="confirm")
+    assert len(confirmed) == (1 + 1) * 2
+    assert all(run.data.tags["mlflow.parentRunId"] == parent_id for run in confirmed)
+    per_config = {}
+    for run in confirmed:
+        per_config.setdefault(run.data.tags[CANDIDATE_TAG], set()).add(run.data.params["seed"])
+        assert run.data.metrics["epoch"] == 3 and "test_knn_acc" in run.data.metrics
+    assert len(per_config) == 2 and "default" in per_config
+    assert all(seeds == {"0", "1"} for seeds in per_config.values())  # seed = base seed + index, per config
+    assert outcome.margin is not None and "verdict:" in outcome.confirmation_text
+    assert "raw pixels" in outcome.confirmation_text and "random-init backbone" in outcome.confirmation_text
 
-    best = max(runs, key=lambda r: r.data.metrics.get("objective", 0))
+    parent = client.get_run(parent_id)
+    assert {"confirm_margin", "confirm_margin_low", "confirm_margin_high"} <= set(parent.data.metrics)
+    parent_artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"best_config.yaml", "trials.csv", "confirmation.csv", "optuna.db", "plots"} <= parent_artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
+    assert {"optimization_history.png", "intermediate_values.png", "confirmation.png"} <= plots
+
+    winner = parent.data.tags["ssl_tune.winner"]
     best_config = load_config(outcome.best_config_path)
-    assert best_config.optim.lr == float(best.data.params["optim.lr"]) == 0.05
-    assert outcome.best_objective == pytest.approx(best.data.metrics["objective"])
-    finished = [r for r in runs if r.data.tags[STATUS_TAG] == "finished"]
-    with_weights = [r for r in finished if "backbone.pt" in {a.path for a in client.list_artifacts(r.info.run_id)}]
-    assert len(with_weights) == min(1, len(finished))  # keep_best=1
-    defaults = [r for r in runs if r.data.tags["ssl_tune.is_default_config"] == "true"]
-    assert len(defaults) <= 1
+    winner_run = next(r for r in confirmed if r.data.tags[CANDIDATE_TAG] == winner)
+    assert best_config.optim.lr == float(winner_run.data.params["optim.lr"])
+    assert best_config.output_dir == "runs/train" and best_config.eval.test_at_end  # a re-run writes elsewhere
+    with_weights = [r for r in confirmed if "backbone.pt" in {a.path for a in client.list_artifacts(r.info.run_id)}]
+    assert {r.data.tags[CANDIDATE_TAG] for r in with_weights} == {winner}
+
+    # Optuna was told the truth: only full-budget trials are COMPLETE, every epoch an intermediate value.
+    study = optuna.load_study(study_name="logged", storage=f"sqlite:///{tmp_path / 'sweeps' / 'logged' / 'optuna.db'}")
+    by_status = {run.data.tags[STATUS_TAG]: 0 for run in runs}
+    for run in runs:
+        by_status[run.data.tags[STATUS_TAG]] += 1
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == by_status.get("finished", 0)
+    assert states.count(optuna.trial.TrialState.PRUNED) == by_status.get("pruned", 0) + by_status.get("diverged", 0)
+    for trial in study.trials:
+        assert trial.user_attrs["ssl_tune_status"] in ("finished", "pruned", "diverged")
+        assert len(trial.intermediate_values) >= 1
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(trial.intermediate_values) == [1, 2, 3]
 
     report = load_report(mlflow_server, "logged", "ssl-tune-test")
     assert list(report.table["objective"]) == sorted(report.table["objective"], reverse=True)
-    assert report.best["run_id"] == best.info.run_id
+
+
+def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(ray_cluster, tmp_path, space_file):
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "sweeps")
+    settings = SweepSettings(space=str(space_file), overrides=[*TINY, "optim.epochs=1"], trials=2, min_epochs=1,
+                             name="grow", storage=storage, tracking_uri=uri, experiment="ssl-tune-test", confirm=False)
+    finish_sweep(settings, *run_sweep(settings))
+    client = MlflowClient(uri)
+    before = {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children(client, "grow")}
+    assert len(before) == 2
+
+    extended = SweepSettings(name="grow", storage=storage, tracking_uri=uri, trials=4)
+    search, _ = run_sweep(extended, resume=True)
+    finish_sweep(extended, search)
+    runs = children(client, "grow")
+    trial_ids = [run.data.tags[TRIAL_TAG] for run in runs]
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # exactly the 2 missing trials were added
+    for run in runs:
+        if run.data.tags[TRIAL_TAG] in before:  # the first two: the same runs, not re-run
+            assert run.info.run_id == before[run.data.tags[TRIAL_TAG]]
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
+    study = optuna.load_study(study_name="grow", storage=f"sqlite:///{tmp_path / 'sweeps' / 'grow' / 'optuna.db'}")
+    assert len(study.trials) == 4  # one study, asked for the new trials
+    parents = client.search_runs([client.get_experiment_by_name("ssl-tune-test").experiment_id],
+                                 f"tags.`{SWEEP_TAG}` = 'grow' and tags.`{TRIAL_TAG}` = 'sweep'")
+    assert len(parents) == 1  # the parent was reattached
+    assert extended.trials == 4 and "optim.lr" in run_sweep(extended, resume=True)[0][0].config  # nothing left to add
 
 
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
@@ -119,9 +177,9 @@ def test_collapsing_trial_is_stopped_and_recorded_as_collapsed(ray_cluster, tmp_
         space=str(space_file), overrides=[*TINY, "optim.epochs=4", "optim.lr=0.05", "eval.collapse_threshold=0.99",
                                           "eval.collapse_grace_epochs=1"],
         trials=1, min_epochs=4, name="collapse", storage=str(tmp_path / "sweeps"), tracking_uri=uri,
-        experiment="ssl-tune-test",
+        experiment="ssl-tune-test", confirm=False,
     )
-    results = run_sweep(settings)
+    results, _ = run_sweep(settings)
     assert results[0].metrics["status"] == "collapsed" and results[0].metrics["objective"] == 0.0
     (run,) = children(MlflowClient(uri), "collapse")
     assert run.data.tags[STATUS_TAG] == "collapsed" and "embedding std" in run.data.tags[REASON_TAG]
@@ -176,10 +234,10 @@ def test_time_budget_ends_the_sweep_with_a_report(ray_cluster, tmp_path, space_f
     settings = SweepSettings(
         space=str(space_file), overrides=[*TINY, "optim.epochs=2"], trials=200, min_epochs=1, concurrency=1,
         name="budget", storage=str(tmp_path / "sweeps"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        experiment="ssl-tune-test", time_budget_s=20,
+        experiment="ssl-tune-test", time_budget_s=20, confirm=False,
     )
-    results = run_sweep(settings)
-    assert 1 <= len(results) < 200  # the budget, not the trial count, ended it
+    results, confirm = run_sweep(settings)
+    assert 1 <= len(results) < 200 and confirm is None  # the budget, not the trial count, ended it
     outcome = finish_sweep(settings, results)
     assert outcome.best_config_path.exists() and "objective" in outcome.table_text
 
@@ -189,7 +247,7 @@ def _sweep_command(tmp_path: Path, address: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "ssl_train.cli", "tune", "--trials", "4", "--concurrency", "1", "--min-epochs", "2",
         "--storage", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--experiment", "ssl-tune-test", "--address", address, *overrides, *extra,
+        "--experiment", "ssl-tune-test", "--address", address, "--no-confirm", *overrides, *extra,
     ]
 
 
@@ -237,7 +295,7 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tmp_
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "top trials of crashy" in resumed.stdout
+    assert "search trials of crashy" in resumed.stdout
 
     runs = children(client, "crashy")
     trial_ids = [r.data.tags[TRIAL_TAG] for r in runs]
@@ -257,13 +315,13 @@ def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = SweepSettings(
         space=str(space_file), overrides=[*TINY, "optim.epochs=1"], trials=2, min_epochs=1, name="small",
-        storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune", seed=1,
+        storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune", seed=1, confirm=False,
     )
-    finish_sweep(settings, run_sweep(settings))
+    finish_sweep(settings, *run_sweep(settings))
     assert main(["report", "small", "--tracking-uri", uri, "--plots", str(tmp_path / "plots")]) == 0
     printed = capsys.readouterr().out
-    assert "sweep small (2 trials)" in printed and "objective" in printed and "optim.lr" in printed
-    assert (tmp_path / "plots" / "objective_vs_trial.png").stat().st_size > 1000
+    assert "sweep small (2 search trials" in printed and "objective" in printed and "optim.lr" in printed
+    assert (tmp_path / "plots" / "optimization_history.png").stat().st_size > 1000
     best = yaml.safe_load((tmp_path / "sweeps" / "small" / "best_config.yaml").read_text())
     assert best["method"] == "byol"
 
@@ -274,7 +332,7 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable
     command = [
         sys.executable, "-m", "ssl_train.cli", "tune", "--trials", "2", "--concurrency", "1", "--searcher", "random",
         "--scheduler", "none", "--storage", str(tmp_path / "sweeps"), "--tracking-uri", server.url, "--experiment",
-        "ssl-tune-test", "--address", ray_cluster.address, "--name", "outage", *overrides,
+        "ssl-tune-test", "--address", ray_cluster.address, "--name", "outage", "--no-confirm", *overrides,
     ]
     store = MlflowClient(f"sqlite:///{server.root / 'mlflow.db'}")  # the server's own store, read directly
 

@@ -23,18 +23,29 @@ DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
 
 
-def candidates(table: pd.DataFrame, searched_keys: list[str], top_k: int) -> dict[str, dict[str, Any]]:
-    """The base config (``{}``) and the searched values of the ``top_k`` best full-budget search trials.
+def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[str, Any]]:
+    """The space's fixed values alone (the default config) and with the searched values of the ``top_k``
+    best full-budget search trials.
 
     ``table`` holds the search trials best first (:func:`tuning.report.load_report`). Only trials that
     trained every epoch qualify (a pruned trial's value is of fewer epochs); the default trial is
     not counted among the K, so there are always K + 1 configs when the search finished K others.
     """
-    chosen: dict[str, dict[str, Any]] = {DEFAULT_CANDIDATE: {}}
+    chosen: dict[str, dict[str, Any]] = {DEFAULT_CANDIDATE: dict(space.fixed)}
     finished = table[(table["status"] == "finished") & ~table["is_default"]]
     for _, row in finished.head(top_k).iterrows():
-        chosen[f"trial_{row['trial']}"] = {key: row[key] for key in searched_keys if key in row}
+        searched = {key: _native(row[key]) for key in space.searched_keys() if key in row and _present(row[key])}
+        chosen[f"trial_{row['trial']}"] = {**space.fixed, **searched}
     return chosen
+
+
+def _present(value: Any) -> bool:
+    """False for the NaN a conditional parameter leaves in the table when the trial did not sample it."""
+    return isinstance(value, (list, tuple, str)) or not pd.isna(value)
+
+
+def _native(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def confirmation_grid(chosen: dict[str, dict[str, Any]], seeds: int, base_seed: int) -> list[dict[str, Any]]:

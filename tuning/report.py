@@ -32,6 +32,7 @@ from tuning.tracking import (  # noqa: E402
     STATUS_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
+    TUNE_EXPERIMENT_TAG,
 )
 from tuning.trial import OBJECTIVE  # noqa: E402
 
@@ -106,6 +107,11 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     return SweepReport(name, parent.info.run_id, space, table, configs, dict(parent.data.params))
 
 
+def _trial_count(confirm_experiment: str) -> int:
+    """``confirm-12`` -> 12."""
+    return int(confirm_experiment.rpartition("-")[2] or 0)
+
+
 def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str) -> list[Any]:
     where = f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{STAGE_TAG}` = '{stage}'"
     return client.search_runs([experiment_id], where, max_results=5000)
@@ -113,9 +119,16 @@ def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str
 
 def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
                       experiment: str = DEFAULT_EXPERIMENT) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
-    """The confirmation runs of a sweep (None when it has none) and each candidate's config."""
+    """The latest confirmation of a sweep (None when it has none) and each candidate's config.
+
+    A sweep extended after it was confirmed is confirmed again (Tune experiment ``confirm-<trials>``);
+    only the runs of the confirmation of the most search trials count.
+    """
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _stage_runs(client, client.get_experiment_by_name(experiment).experiment_id, report.name, "confirm")
+    if runs:
+        latest = max({r.data.tags.get(TUNE_EXPERIMENT_TAG, "") for r in runs}, key=_trial_count)
+        runs = [r for r in runs if r.data.tags.get(TUNE_EXPERIMENT_TAG, "") == latest]
     if not runs:
         return None
     rows, configs = [], {}

@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.experiment import Trial
@@ -53,6 +54,7 @@ from tuning.trial import OBJECTIVE, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial
 SETTINGS_FILE = "ssl_tune_sweep.json"
 STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
 CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the sweep directory
+EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
 
 
 @dataclass
@@ -125,24 +127,31 @@ class TruthfulOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.time_limit_s = time_limit_s
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        with contextlib.suppress(UpdateFinishedTrialError):  # see on_trial_complete
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        if result and self.metric in result:  # Tune sends the result that ends a trial here, not to on_trial_result
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a step already reported is ignored, and says so
-                ot_trial.report(float(result[self.metric]), int(result["training_iteration"]))
         if error:
             status, reason = "failed", "the trial raised an error"
         else:
             status, reason = trial_outcome(result or {}, self.time_limit_s)
-        ot_trial.set_user_attr("ssl_tune_status", status)
-        ot_trial.set_user_attr("ssl_tune_reason", reason)
-        if status == "finished":
-            self._ot_study.tell(ot_trial, float(result[self.metric]), state=TrialState.COMPLETE)
-        else:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+        # After a hard crash the study (sqlite, written at once) can be ahead of this searcher's pickled
+        # state (saved every few seconds): a trial already told is told nothing again.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            if result and self.metric in result:  # Tune sends a trial's last result here, not to on_trial_result
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a step already reported is ignored, and says so
+                    ot_trial.report(float(result[self.metric]), int(result["training_iteration"]))
+            ot_trial.set_user_attr("ssl_tune_status", status)
+            ot_trial.set_user_attr("ssl_tune_reason", reason)
+            if status == "finished":
+                self._ot_study.tell(ot_trial, float(result[self.metric]), state=TrialState.COMPLETE)
+            else:
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
 
@@ -150,8 +159,11 @@ def study_storage(path: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{path / STUDY_FILE}")
 
 
-def build_searcher(space: SearchSpace, settings: SweepSettings, base: TrainConfig, path: Path) -> OptunaSearch:
-    """Optuna TPE (multivariate; constant liar when trials run at once; grouped for ``when:``) or random."""
+def build_searcher(
+    space: SearchSpace, settings: SweepSettings, base: TrainConfig, path: Path, enqueue_default: bool = True
+) -> OptunaSearch:
+    """Optuna TPE (multivariate; constant liar when trials run at once; grouped for ``when:``) or random,
+    on the sweep's persisted study (continued when it exists); the default config first when ``enqueue_default``."""
     conditional = any(param.when for param in space.params)
     sampler = (
         optuna.samplers.TPESampler(
@@ -168,7 +180,7 @@ def build_searcher(space: SearchSpace, settings: SweepSettings, base: TrainConfi
             metric=OBJECTIVE,
             mode="max",
             sampler=sampler,
-            points_to_evaluate=[default_point(space, base)],
+            points_to_evaluate=[default_point(space, base)] if enqueue_default else None,
             study_name=settings.name,
             storage=study_storage(path),
             time_limit_s=settings.trial_time_limit_s,
@@ -252,7 +264,7 @@ class _Stage:
             trial_resources(self.base),
         )
 
-    def callback(self, stage: str) -> MLflowSweepCallback:
+    def callback(self, stage: str, tune_experiment: str) -> MLflowSweepCallback:
         workdir = self.path / "mlflow-staging"
         workdir.mkdir(parents=True, exist_ok=True)
         settings = self.settings
@@ -265,6 +277,7 @@ class _Stage:
                         "search_space": self.space.source},
             sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
             stage=stage,
+            tune_experiment=tune_experiment,
             trial_time_limit_s=settings.trial_time_limit_s,
         )
 
@@ -274,7 +287,7 @@ class _Stage:
             name=name,
             storage_path=str(storage),
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
-            callbacks=[self.callback(stage)],
+            callbacks=[self.callback(stage, name)],
             verbose=1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={"epoch": "epoch", "loss": "loss", OBJECTIVE: OBJECTIVE, "status": "status"},
@@ -316,58 +329,81 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
 
 def run_sweep(
     settings: SweepSettings, resume: bool = False, interruption: Interruption | None = None
-) -> tuple[tune.ResultGrid, tune.ResultGrid | None]:
-    """Run (or resume) a sweep's search and confirmation; return both stages' Tune results.
+) -> tuple[list[tune.Result], tune.ResultGrid | None]:
+    """Run (or resume) a sweep's search and confirmation; return the search trials' and confirmation's results.
 
     The MLflow runs are written as it goes. With an ``interruption``, Ctrl-C/SIGTERM stop the
     sweep resumably and are recorded there (the confirmation stage then does not start).
-    ``settings`` is updated in place with what a resumed sweep started with.
+    ``resume=True`` with more ``settings.trials`` than the sweep ran extends it: a further Tune
+    experiment in the sweep directory asks the same Optuna study for the missing trials (re-running
+    none), and confirmation is redone on the larger search. ``settings`` is updated in place with
+    what a resumed sweep started with.
     """
     stage = _prepare(settings, resume)
-    if resume:
-        settings.__dict__.update(stage.settings.__dict__)
-    settings = stage.settings
-    path = stage.path
+    settings.__dict__.update(stage.settings.__dict__)
+    settings, path = stage.settings, stage.path
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{path}'")
-        tuner = tune.Tuner.restore(str(path), stage.trainable(), resume_unfinished=True, resume_errored=True)
+        tuners = [tune.Tuner.restore(str(folder), stage.trainable(), resume_unfinished=True, resume_errored=True)
+                  for folder in [path, *sorted(path.glob(f"{EXTEND_PREFIX}*"))]]
     else:
         if path.exists() and tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"sweep '{settings.name}' already exists at {path}; use --resume {settings.name}")
         save_settings(settings, path)
-        tuner = tune.Tuner(
-            stage.trainable(),
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE,
-                mode="max",
-                search_alg=build_searcher(stage.space, settings, stage.base, path),
-                scheduler=build_scheduler(settings, stage.base.optim.epochs),
-                num_samples=settings.trials,
-                max_concurrent_trials=settings.concurrency,
-                time_budget_s=settings.time_budget_s,
-                reuse_actors=True,  # ~3 s less start-up per trial on a small machine
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=stage.run_config(settings.name, path.parent, "search"),
-        )
+        tuners = [_search_tuner(stage, settings.name, path.parent, settings.trials, enqueue_default=True)]
+    search: list[tune.Result] = []
     with interruption or contextlib.nullcontext():  # after ray.init, which installs its own SIGTERM handler
-        search = tuner.fit()
-        if not settings.confirm or (interruption is not None and interruption.interrupted):
+        for tuner in tuners:
+            search += list(tuner.fit())
+        missing = settings.trials - len(search)
+        if resume and missing > 0 and not _interrupted(interruption):
+            name = f"{EXTEND_PREFIX}{len(tuners)}"
+            print(f"\nextending sweep {settings.name} by {missing} trials (to {settings.trials}) in {path / name}")
+            search += list(_search_tuner(stage, name, path, missing, enqueue_default=False).fit())
+        save_settings(settings, path)
+        if not settings.confirm or _interrupted(interruption):
             return search, None
-        return search, _run_confirmation(stage)
+        return search, _run_confirmation(stage, f"{CONFIRM_DIR}-{len(search)}")
 
 
-def _run_confirmation(stage: _Stage) -> tune.ResultGrid:
-    """The top-K search configs and the default, S seeds each, at the full epoch budget, as Tune trials."""
+def _interrupted(interruption: Interruption | None) -> bool:
+    return interruption is not None and interruption.interrupted
+
+
+def _search_tuner(stage: _Stage, name: str, storage: Path, trials: int, enqueue_default: bool) -> tune.Tuner:
+    """A Tune experiment of ``trials`` search trials asking the sweep's Optuna study (created or continued)."""
+    settings = stage.settings
+    return tune.Tuner(
+        stage.trainable(),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=build_searcher(stage.space, settings, stage.base, stage.path, enqueue_default),
+            scheduler=build_scheduler(settings, stage.base.optim.epochs),
+            num_samples=trials,
+            max_concurrent_trials=settings.concurrency,
+            time_budget_s=settings.time_budget_s,
+            reuse_actors=True,  # ~3 s less start-up per trial on a small machine
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=stage.run_config(name, storage, "search"),
+    )
+
+
+def _run_confirmation(stage: _Stage, name: str) -> tune.ResultGrid:
+    """The top-K search configs and the default, S seeds each, at the full epoch budget, as Tune trials.
+
+    ``name`` (``confirm-<search trials>``) is the Tune experiment: a sweep extended later is confirmed anew.
+    """
     from tuning.report import load_report
 
-    settings, path = stage.settings, stage.path / CONFIRM_DIR
+    settings, path = stage.settings, stage.path / name
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), stage.trainable(), resume_unfinished=True, resume_errored=True)
     else:
         report = load_report(settings.tracking_uri, settings.name, settings.experiment)
-        chosen = candidates(report.table, stage.space.searched_keys(), settings.confirm_top)
+        chosen = candidates(report.table, stage.space, settings.confirm_top)
         grid = confirmation_grid(chosen, settings.confirm_seeds, stage.base.seed)
         print(f"\nconfirming {len(chosen)} configs ({', '.join(chosen)}) with {settings.confirm_seeds} seeds each, "
               f"{stage.base.optim.epochs} epochs (the search trials' full budget): {len(grid)} runs")
@@ -378,7 +414,7 @@ def _run_confirmation(stage: _Stage) -> tune.ResultGrid:
                 num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=stage.run_config(CONFIRM_DIR, stage.path, "confirm"),
+            run_config=stage.run_config(name, stage.path, "confirm"),
         )
     return tuner.fit()
 
@@ -431,6 +467,7 @@ def load_settings(settings: SweepSettings) -> SweepSettings:
     saved = SweepSettings(**json.loads(stored.read_text()))
     saved.tracking_uri = settings.tracking_uri or saved.tracking_uri
     saved.address = settings.address
+    saved.trials = max(saved.trials, settings.trials or 0)  # --trials N on a resume extends the search to N
     return saved
 
 

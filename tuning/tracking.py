@@ -31,6 +31,7 @@ STATUS_TAG = "ssl_tune.status"
 REASON_TAG = "ssl_tune.reason"
 DEFAULT_TAG = "ssl_tune.is_default_config"
 STAGE_TAG = "ssl_tune.stage"  # search (selects on val) or confirm (seeded re-runs, the only ones that read test)
+TUNE_EXPERIMENT_TAG = "ssl_tune.tune_experiment"  # the Tune experiment of a trial: the sweep's, extend-K, confirm-N
 CANDIDATE_TAG = "ssl_tune.candidate"  # a confirmation run's config: "default" or trial_<id> of the search
 DEFAULT_EXPERIMENT = "ssl-tune"
 # What a tracking server that went away raises through MlflowClient (connection refused, timeouts, 5xx).
@@ -153,14 +154,14 @@ class SweepTracker(RunTracker):
                 STATUS_TAG: "running", **tags}
         return self.create_run(run_name, params, tags), True
 
-    def drop_runs_except(self, trial_ids: set[str], stage: str) -> list[str]:
-        """Delete child runs of ``stage`` whose trials Tune does not know (started after its last state save,
-        then a crash).
+    def drop_runs_except(self, trial_ids: set[str], tune_experiment: str) -> list[str]:
+        """Delete child runs of ``tune_experiment`` whose trials Tune does not know (started after its last
+        state save, then a crash).
 
         Tune re-suggests such a trial under a new id, so keeping its run would show a trial
         the sweep never finished and does not count. Returns the dropped trial ids.
         """
-        where = f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{STAGE_TAG}` = '{stage}'"
+        where = f"tags.`{SWEEP_TAG}` = '{self.sweep_name}' and tags.`{TUNE_EXPERIMENT_TAG}` = '{tune_experiment}'"
         dropped = []
         for run in self.client.search_runs([self.experiment_id], where, max_results=10_000):
             if run.data.tags[TRIAL_TAG] not in trial_ids:
@@ -189,6 +190,7 @@ class MLflowSweepCallback(Callback):
         sweep_tags: dict[str, str],
         sweep_params: dict[str, Any],
         stage: str = "search",
+        tune_experiment: str = "",
         trial_time_limit_s: float | None = None,
         retry_s: float = 15.0,
         final_wait_s: float = 60.0,
@@ -200,6 +202,7 @@ class MLflowSweepCallback(Callback):
         self.sweep_tags = sweep_tags
         self.sweep_params = sweep_params
         self.stage = stage
+        self.tune_experiment = tune_experiment
         self.trial_time_limit_s = trial_time_limit_s
         self.retry_s = retry_s
         self.final_wait_s = final_wait_s
@@ -231,13 +234,13 @@ class MLflowSweepCallback(Callback):
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if not self.reconciled:
             self.reconciled = True
-            self.tracker.drop_runs_except({trial.trial_id for trial in trials}, self.stage)
+            self.tracker.drop_runs_except({trial.trial_id for trial in trials}, self.tune_experiment)
         self._flush()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if trial.trial_id not in self.runs and not any(r["trial"] == trial.trial_id for r in self.pending):
             params, tags, artifacts = self.describe_trial(trial)
-            tags = {STAGE_TAG: self.stage, **tags}
+            tags = {STAGE_TAG: self.stage, TUNE_EXPERIMENT_TAG: self.tune_experiment, **tags}
             self._write({"op": "start", "trial": trial.trial_id, "params": params, "tags": tags,
                          "artifacts": [str(path) for path in artifacts]})
 

@@ -1,0 +1,64 @@
+"""Every error row of the README's failure table, through the real command: one line, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_train.cli import main
+
+SPACE_HEAD = "description: a broken space\n"
+BAD_SPACES = {  # file text -> what the one-line message must name
+    "not a mapping": ("- just\n- a list\n", "mapping"),
+    "no params": (SPACE_HEAD + "fixed: {method: byol}\n", "params"),
+    "unknown distribution": (SPACE_HEAD + "params:\n  optim.lr: {normal: [0, 1]}\n", "normal"),
+    "low > high": (SPACE_HEAD + "params:\n  optim.lr: {uniform: [0.1, 0.01]}\n", "optim.lr"),
+    "loguniform low <= 0": (SPACE_HEAD + "params:\n  optim.lr: {loguniform: [0, 0.1]}\n", "optim.lr"),
+    "empty choice": (SPACE_HEAD + "params:\n  optim.batch_size: {choice: []}\n", "optim.batch_size"),
+    "unknown key": (SPACE_HEAD + "params:\n  optim.lrr: {uniform: [0.1, 0.2]}\n", "optim.lrr"),
+    "when on an unknown key": (
+        SPACE_HEAD + "params:\n  optim.lr: {uniform: [0.01, 0.1], when: {no.such: 1}}\n", "no.such"),
+}
+
+
+def ssl_tune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl_train.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and 'File "' not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ssl-tune: error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for name in names:
+        assert name in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_a_bad_search_space_is_one_line_naming_file_and_key(tmp_path, capsys, case):
+    """In process (``main`` returns 2 instead of raising), for each kind of mistake; the subprocess test below
+    runs one of them through the real command."""
+    text, named = BAD_SPACES[case]
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    assert main(["tune", "--space", str(space), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"ssl-tune: error: {space}") and named in line
+
+
+def test_config_space_data_and_tracking_errors_are_one_line_from_the_command(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(BAD_SPACES["low > high"][0])
+    assert_one_line_error(ssl_tune("tune", "--space", str(space), cwd=tmp_path), str(space), "optim.lr")
+    assert_one_line_error(ssl_tune("train", "--set", "optim.lr=-1", cwd=tmp_path), "optim.lr=-1")
+    assert_one_line_error(ssl_tune("train", "--set", "optim.no_such_key=1", cwd=tmp_path), "optim.no_such_key")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(
+        ssl_tune("train", "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'empty'}", cwd=tmp_path),
+        str(tmp_path / "empty"))
+    assert_one_line_error(ssl_tune("tune", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path),
+                          "http://127.0.0.1:9 is not reachable")

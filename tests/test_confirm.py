@@ -1,0 +1,73 @@
+"""Confirmation arithmetic on fixed numbers: which configs, the grid of runs, Welch's interval and the verdict."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from search_spaces import load_space
+from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, Margin, candidates, confirmation_grid, welch_margin
+
+
+def test_welch_interval_matches_the_formula_on_fixed_numbers():
+    winner, default = [0.80, 0.82, 0.84], [0.70, 0.71, 0.75]
+    margin = welch_margin(winner, default)
+    assert margin.difference == pytest.approx(0.82 - 0.72)
+    # Welch by hand: s1^2 = 4e-4, s2^2 = 7e-4, se = sqrt((4e-4 + 7e-4) / 3), df by Welch-Satterthwaite.
+    v1, v2 = 4e-4 / 3, 7e-4 / 3
+    se = math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1**2 / 2 + v2**2 / 2)
+    assert df == pytest.approx(3.7231, abs=1e-3)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, df) * se
+    assert (margin.low, margin.high) == pytest.approx((0.10 - half, 0.10 + half))
+    assert margin.low == pytest.approx(0.0452, abs=1e-3) and margin.significant
+
+
+def test_an_interval_that_includes_zero_is_not_a_win_and_one_seed_gives_none():
+    overlap = welch_margin([0.80, 0.70, 0.90], [0.78, 0.75, 0.80])
+    assert overlap.low < 0 < overlap.high and not overlap.significant
+    assert "NOT better than the default at 95 %" in overlap.verdict("trial_a")
+    single = welch_margin([0.9], [0.8])
+    assert single.difference == pytest.approx(0.1) and math.isinf(single.low) and not single.significant
+    assert "cannot tell" in single.verdict("trial_a")
+    assert "default config is the winner" in Margin(0.0, -1, 1).verdict(DEFAULT_CANDIDATE)
+    assert "is better than the default at 95 %" in Margin(0.05, 0.01, 0.09).verdict("trial_a")
+
+
+def test_the_winner_is_chosen_on_val_never_on_test():
+    runs = pd.DataFrame([
+        # candidate, seed, val, test: trial_b has the better test, trial_a the better val.
+        *[{"candidate": "trial_a", "seed": s, "val": 0.90, "test": 0.70, "status": "finished"} for s in range(3)],
+        *[{"candidate": "trial_b", "seed": s, "val": 0.80, "test": 0.95, "status": "finished"} for s in range(3)],
+        *[{"candidate": "default", "seed": s, "val": 0.85, "test": 0.75 + 0.01 * s, "status": "finished"}
+          for s in range(3)],
+        {"candidate": "trial_b", "seed": 3, "val": 0.99, "test": 0.99, "status": "failed"},  # not counted
+    ])
+    confirmation = Confirmation(runs, "knn_acc")
+    assert confirmation.winner == "trial_a"
+    summary = confirmation.summary()
+    assert list(summary["candidate"]) == ["trial_a", "default", "trial_b"] and list(summary["seeds"]) == [3, 3, 3]
+    assert confirmation.margin().difference == pytest.approx(0.70 - 0.76)
+    text = confirmation.format({"raw pixels": (0.91, 0.0)})
+    assert "baseline raw pixels: test 0.9100" in text and "winner (best mean val): trial_a" in text
+
+
+def test_candidates_are_the_default_plus_the_top_k_full_budget_trials():
+    space = load_space("byol")
+    table = pd.DataFrame([  # best first, as load_report sorts it
+        {"trial": "p", "status": "pruned", "is_default": False, "optim.lr": 0.009},
+        {"trial": "d", "status": "finished", "is_default": True, "optim.lr": 0.002},
+        {"trial": "a", "status": "finished", "is_default": False, "optim.lr": 0.004},
+        {"trial": "b", "status": "finished", "is_default": False, "optim.lr": 0.001},
+    ])
+    chosen = candidates(table, space, top_k=1)
+    assert list(chosen) == [DEFAULT_CANDIDATE, "trial_a"]  # pruned and default trials are not among the K
+    assert chosen[DEFAULT_CANDIDATE] == {"method": "byol"} and chosen["trial_a"]["optim.lr"] == 0.004
+    grid = confirmation_grid(chosen, seeds=3, base_seed=10)
+    assert len(grid) == 2 * 3
+    assert [g["overrides"]["seed"] for g in grid] == [10, 11, 12, 10, 11, 12]
+    assert all(g["overrides"]["eval.test_at_end"] is True for g in grid)

@@ -1,0 +1,40 @@
+"""The package declares every third-party distribution that its code imports."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN = {"ssl_train", "tuning", "search_spaces", "bench"}
+
+
+def imported_top_level_modules() -> set[str]:
+    modules = set()
+    for folder in ("ssl_train", "tuning", "search_spaces"):
+        for file in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    return modules - OWN - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def test_every_imported_distribution_is_declared():
+    declared = {
+        re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    providers = importlib.metadata.packages_distributions()
+    missing = {}
+    for module in imported_top_level_modules():
+        distributions = {name.lower().replace("_", "-") for name in providers.get(module, [module])}
+        if not distributions & declared:
+            missing[module] = sorted(distributions)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert {"numpy", "requests", "scipy"} <= declared
