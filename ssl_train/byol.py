@@ -82,6 +82,10 @@ class BYOL(nn.Module):
     def before_optimizer_step(self, step: int) -> None:
         """Nothing to do: the target receives no gradient."""
 
+    def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
+        """Nothing to adjust: every part of BYOL's state is the same on all workers."""
+        return None
+
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """EMA of the target towards the online network with ``tau(step)``."""
         tau = tau_schedule(step, total_steps, self.tau_base)

@@ -292,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     from search_spaces import SearchSpaceError
     from ssl_train.data import DataError
     from ssl_train.loop import RunFailedError
+    from ssl_train.uris import LocationError
     from tuning.tracking import TrackingError
 
-    errors = (ConfigError, DataError, FileNotFoundError, LookupError, RunFailedError, SearchSpaceError, TrackingError)
+    errors = (ConfigError, DataError, FileNotFoundError, LocationError, LookupError, RunFailedError, SearchSpaceError,
+              TrackingError)
     try:
         return args.handler(args)
     except errors as error:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ssl_train import uris
+
 METHODS = ("byol", "swav")
 BACKBONES = ("small_cnn", "resnet18", "resnet50")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -196,10 +198,13 @@ class TrainConfig:
         return from_dict(tree)
 
     def with_absolute_paths(self) -> TrainConfig:
-        """This config with ``data.path`` and ``data.labeled_path`` absolute: processes that start in other
-        directories (Ray Train workers, Ray Data tasks, Tune trials) then read the same files."""
-        paths = {f"data.{key}": str(Path(value).expanduser().resolve())
+        """This config with ``data.path``, ``data.labeled_path`` and ``scaling.storage`` absolute (URIs stay as
+        they are): processes that start in other directories (Ray Train workers, Ray Data tasks, Tune
+        trials) then read the same files."""
+        paths = {f"data.{key}": uris.absolute(value)
                  for key in ("path", "labeled_path") if (value := getattr(self.data, key))}
+        if self.scaling.storage:
+            paths["scaling.storage"] = uris.absolute(self.scaling.storage)
         return self.replace(paths)
 
 
@@ -416,6 +421,13 @@ def validate(c: TrainConfig) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in (0, 1)")
     _require(0 < d.labeled_fraction <= 1, "data.labeled_fraction", d.labeled_fraction, "must lie in (0, 1]")
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    for key, location in (("data.path", d.path), ("data.labeled_path", d.labeled_path),
+                          ("scaling.storage", c.scaling.storage)):
+        if location:
+            try:
+                uris.check(location, key)
+            except uris.LocationError as error:
+                raise ConfigError(str(error)) from None
     if d.source in ("folder", "parquet"):
         _require(bool(d.path), "data.path", d.path, f"data.source={d.source!r} needs data.path")
     if d.streaming:

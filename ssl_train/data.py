@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torchvision
@@ -39,6 +40,7 @@ from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from ssl_train import uris
 from ssl_train.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -230,18 +232,43 @@ def _folder_records(path: Path, key: str) -> _Records:
     return _Records(list(files), [str(p) for p in files], labels, num_classes, str(path))
 
 
-def _parquet_files(path: Path) -> list[Path]:
-    return [path] if path.is_file() else sorted(path.glob("*.parquet")) if path.is_dir() else []
+def _parquet_files(location: str, key: str) -> tuple[list[str], bool]:
+    """The parquet files at ``location`` (a file, or a folder's ``*.parquet``; a path or URI) and whether
+    ``location`` exists at all."""
+    fs, path = _filesystem(location, key)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [location], True
+    if info.type != pafs.FileType.Directory:
+        return [], False
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(uris.child(location, e.path) for e in entries if e.is_file and e.path.endswith(".parquet")), True
 
 
-def _parquet_files_or_error(path: Path, key: str) -> list[Path]:
-    files = _parquet_files(path)
+def _parquet_files_or_error(location: str, key: str) -> list[str]:
+    files, exists = _parquet_files(location, key)
     if not files:
         raise DataError(
-            f"{key}='{path}' " + ("does not exist" if not path.exists() else "holds no .parquet files")
+            f"{key}='{location}' " + ("does not exist" if not exists else "holds no .parquet files")
             + "; give a parquet file or a folder of them (for an image folder use data.source=folder)"
         )
     return files
+
+
+def _filesystem(location: str, key: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return uris.filesystem(location, key)
+    except uris.LocationError as error:
+        raise DataError(str(error)) from None
+
+
+def _local_folder(location: str, key: str) -> Path:
+    """An image folder is read from local disk; a remote one gets a message with the fix."""
+    fs, path = _filesystem(location, key)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise DataError(f"{key}='{location}': image folders are read from local disk; convert the folder with "
+                        "`ssl-tune data to-parquet` and give the Parquet file's URI (data.source=parquet)")
+    return Path(path)
 
 
 def _binary_type(dtype: pa.DataType) -> bool:
@@ -249,10 +276,11 @@ def _binary_type(dtype: pa.DataType) -> bool:
     return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or view(dtype)
 
 
-def _parquet_columns(file: Path) -> list[str]:
+def _parquet_columns(file: str) -> list[str]:
     """The columns of ``file`` this module reads (``image``, then ``label`` and ``path`` when present), checked."""
+    fs, path = _filesystem(file, "data.path")
     try:
-        schema = pq.read_schema(file)
+        schema = pq.read_schema(path, filesystem=fs)
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"'{file}' is not a readable parquet file: {error}") from error
     if "image" not in schema.names:
@@ -274,17 +302,18 @@ def _parquet_columns(file: Path) -> list[str]:
     return ["image"] + [name for name in ("label", "path") if name in schema.names]
 
 
-def _row_names(file: Path, table: pa.Table, first_row: int = 0) -> list[str]:
+def _row_names(file: str, table: pa.Table, first_row: int = 0) -> list[str]:
     """How skipped rows are named: the ``path`` column when there is one, else the row number."""
     if "path" in table.column_names:
         return [f"{file}:{p}" for p in table.column("path").to_pylist()]
     return [f"{file}:row {first_row + i}" for i in range(table.num_rows)]
 
 
-def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
+def _read_parquet_file(file: str) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
     columns = _parquet_columns(file)
     has_label = "label" in columns
-    table = pq.read_table(file, columns=columns)
+    fs, path = _filesystem(file, "data.path")
+    table = pq.read_table(path, columns=columns, filesystem=fs)
     rows = table.num_rows
     names = _row_names(file, table)
     labels = (
@@ -300,8 +329,8 @@ def _read_parquet_file(file: Path) -> tuple[list[Optional[bytes]], list[str], np
     return table.column("image").to_pylist(), names, labels.astype(np.int64)
 
 
-def _parquet_records(path: Path, key: str) -> _Records:
-    """All rows of the parquet file(s) at ``path``; labels renumbered 0..C-1 in sorted order."""
+def _parquet_records(path: str, key: str) -> _Records:
+    """All rows of the parquet file(s) at ``path`` (a path or URI); labels renumbered 0..C-1 in sorted order."""
     files = _parquet_files_or_error(path, key)
     sources: list[Optional[ImageSource]] = []
     names: list[str] = []
@@ -326,9 +355,11 @@ def _parquet_records(path: Path, key: str) -> _Records:
     return _Records(sources, names, raw, 0, str(path))
 
 
-def _any_records(path: Path, key: str) -> _Records:
+def _any_records(path: str, key: str) -> _Records:
     """A parquet file, a folder of parquet files, or an image folder."""
-    return _parquet_records(path, key) if _parquet_files(path) else _folder_records(path, key)
+    if _parquet_files(path, key)[0]:
+        return _parquet_records(path, key)
+    return _folder_records(_local_folder(path, key), key)
 
 
 def _try_decode(source: Optional[ImageSource], image_size: int) -> Union[torch.Tensor, str]:
@@ -411,6 +442,11 @@ def _needs_labels(where: str) -> DataError:
 # ---------------------------------------------------------------- sources
 
 
+def _expand(location: str) -> str:
+    """``~`` expanded in a local path; a URI as it is."""
+    return location if uris.is_uri(location) else str(Path(location).expanduser())
+
+
 def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 ``[N, 3, h, h]`` -> ``[N, 3, size, size]`` (bilinear, antialiased), in chunks."""
     if images.shape[-2:] == (size, size):
@@ -442,7 +478,7 @@ def _labeled_path_sets(
     config: DataConfig, skipped: list[str], notes: list[str]
 ) -> tuple[ImageSet, ImageSet, ImageSet, int]:
     """(eval pool, val set, test set, class count) from ``data.labeled_path``."""
-    labeled_path = Path(config.labeled_path or "").expanduser()
+    labeled_path = _expand(config.labeled_path or "")
     labeled_records = _any_records(labeled_path, "data.labeled_path")
     if not labeled_records.num_classes:
         raise _needs_labels(str(labeled_path))
@@ -457,15 +493,17 @@ def _labeled_path_sets(
 def _file_splits(config: DataConfig) -> DatasetSplits:
     if not config.path:
         raise DataError(f"data.source={config.source!r} needs data.path (a folder or parquet file)")
-    path = Path(config.path).expanduser()
+    path = _expand(config.path)
     skipped: list[str] = []
     notes: list[str] = []
     if config.streaming:  # the SSL-train images reach the workers through Ray Data (ssl_train.streaming)
         eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
         eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
         return DatasetSplits(str(path), None, eval_train, val, test, num_classes, skipped, notes)
-    reader = _parquet_records if config.source == "parquet" else _folder_records
-    records = reader(path, "data.path")
+    if config.source == "parquet":
+        records = _parquet_records(path, "data.path")
+    else:
+        records = _folder_records(_local_folder(path, "data.path"), "data.path")
     main = _decode_records(records, config.image_size, skipped)
     if config.labeled_path:
         eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
@@ -484,7 +522,7 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
 def load_streamed_set(config: DataConfig) -> ImageSet:
     """The SSL-train images of a streamed config (``data.streaming``) decoded in this process, as the
     in-memory path holds them (with ``data.labeled_path`` set, all readable rows of ``data.path``)."""
-    records = _parquet_records(Path(config.path or "").expanduser(), "data.path")
+    records = _parquet_records(_expand(config.path or ""), "data.path")
     return _decode_records(records, config.image_size, [])
 
 
@@ -644,9 +682,10 @@ def parquet_row_groups(path: str | Path) -> list[dict[str, Any]]:
     """
     pieces: list[dict[str, Any]] = []
     first_row = 0
-    for file in _parquet_files_or_error(Path(path).expanduser(), "data.path"):
+    for file in _parquet_files_or_error(_expand(str(path)), "data.path"):
         _parquet_columns(file)
-        metadata = pq.ParquetFile(file).metadata
+        fs, inner = _filesystem(file, "data.path")
+        metadata = pq.ParquetFile(inner, filesystem=fs).metadata
         file_row = 0
         for group in range(metadata.num_row_groups):
             pieces.append({"file": str(file), "row_group": group, "file_row": file_row, "first_row": first_row})
@@ -660,9 +699,10 @@ def parquet_row_groups(path: str | Path) -> list[dict[str, Any]]:
 def decode_row_group(piece: dict[str, Any], image_size: int) -> dict[str, np.ndarray]:
     """One piece of :func:`parquet_row_groups` decoded: ``index`` (row numbers), ``image`` (uint8
     ``[n, 3, S, S]``, zeros where unreadable) and ``error`` ("" when decoded, else the row's name and why)."""
-    file = Path(piece["file"])
+    file = piece["file"]
     columns = [column for column in _parquet_columns(file) if column != "label"]
-    table = pq.ParquetFile(file).read_row_group(int(piece["row_group"]), columns=columns)
+    fs, inner = _filesystem(file, "data.path")
+    table = pq.ParquetFile(inner, filesystem=fs).read_row_group(int(piece["row_group"]), columns=columns)
     names = _row_names(file, table, int(piece["file_row"]))
     images = np.zeros((table.num_rows, 3, image_size, image_size), dtype=np.uint8)
     errors = np.full(table.num_rows, "", dtype=object)

@@ -8,6 +8,7 @@ callback), so this module imports nothing from Ray, Tune or MLflow.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -34,6 +35,7 @@ from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler, ShardedImages, loss_weight
 
 RUNNING, FINISHED, DIVERGED, COLLAPSED = "running", "finished", "diverged", "collapsed"
+logger = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
@@ -167,6 +169,9 @@ def train_loop(
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         restarts = state["restarts"] + 1
+        note = method.on_resume(context.world_size, state.get("world_size", 1))
+        if note and context.is_main:
+            logger.warning(note)
         set_rng_state(state["rng"])
         if context.rank > 0:  # only rank 0's RNG is saved: give the others their own stream again
             _seed_everything(config.seed + 1_000 * context.rank + 1_000_000 * start_epoch)

@@ -155,6 +155,20 @@ class SwAV(nn.Module):
             codes.append(sinkhorn(crop_scores, self.cfg.epsilon, self.cfg.sinkhorn_iterations)[-batch:])
         return codes
 
+    @torch.no_grad()
+    def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
+        """Empty the feature queue when a resumed run has, or had, 2+ workers.
+
+        A checkpoint holds rank 0's queue only; if every worker reloaded it, the global Sinkhorn problem
+        would hold W copies of the same features until the queues refill. A one-worker run keeps its
+        own queue (so 2 + 2 epochs still equal 4).
+        """
+        if world_size == 1 and saved_world_size == 1 or not bool(self.queue.any()):
+            return None
+        self.queue.zero_()
+        return (f"SwAV: the feature queues start empty after this resume with {world_size} workers (the checkpoint "
+                f"holds one worker's queue); they refill after about swav.queue_length / batch_size steps")
+
     def before_optimizer_step(self, step: int) -> None:
         """Drop the prototypes' gradient while ``step < swav.freeze_prototypes_steps`` (paper: first epoch)."""
         if step < self.cfg.freeze_prototypes_steps:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_train.config import DataConfig
+from ssl_train.config import ConfigError, DataConfig, load_config
 from ssl_train.data import (
     MAX_PIXELS,
     DataError,
@@ -280,6 +280,26 @@ def _assert_same_splits(a, b) -> None:
     for part in ("ssl_train", "eval_train", "val", "test"):
         assert torch.equal(getattr(a, part).images, getattr(b, part).images)
         assert torch.equal(getattr(a, part).labels, getattr(b, part).labels)
+
+
+def test_parquet_and_folders_read_from_file_uris_and_unknown_schemes_are_errors(tmp_path):
+    root = _write_class_folder(tmp_path / "data")
+    file = tmp_path / "out" / "data.parquet"
+    folder_to_parquet(root, file)
+    local = load_splits(DataConfig(source="parquet", path=str(file)))
+    # Read through pyarrow's filesystem from a file:// URI: a file, a folder of files, and a labeled_path.
+    _assert_same_splits(local, load_splits(DataConfig(source="parquet", path=file.as_uri())))
+    _assert_same_splits(local, load_splits(DataConfig(source="parquet", path=file.parent.as_uri())))
+    _assert_same_splits(load_splits(DataConfig(source="folder", path=str(root))),
+                        load_splits(DataConfig(source="folder", path=root.as_uri())))
+    config = load_config(overrides=["data.source=parquet", f"data.path={file.as_uri()}"]).with_absolute_paths()
+    assert config.data.path == file.as_uri()  # a URI is not made into ./file:/...
+    with pytest.raises(ConfigError, match=r"data.path='nosuch://bucket/x'.*file:///abs/path"):
+        load_config(overrides=["data.source=parquet", "data.path=nosuch://bucket/x"])
+    with pytest.raises(ConfigError, match=r"scaling.storage='nosuch://x'"):
+        load_config(overrides=["scaling.storage=nosuch://x"])
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig(source="parquet", path=(tmp_path / "missing.parquet").as_uri()))
 
 
 def test_folder_to_parquet_round_trip(tmp_path):

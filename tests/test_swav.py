@@ -261,3 +261,27 @@ def test_two_workers_share_one_sinkhorn_and_train_under_ddp(tmp_path) -> None:
         assert (rank["prototypes"][2] - start).abs().max() > 1e-4
         assert rank["queue"].shape == (2, 8, 6) and rank["queue"][:, :4].any() and not rank["queue"][:, 4:].any()
     torch.testing.assert_close(ranks[0]["prototypes"][2], ranks[1]["prototypes"][2])
+
+
+def test_queues_start_empty_after_a_resume_with_two_workers(tmp_path):
+    """A checkpoint holds rank 0's queue only: a 2-worker resume must not give every worker that copy."""
+    from test_loop import TINY
+
+    from ssl_train.checkpoint import load_checkpoint
+    from ssl_train.config import load_config
+    from ssl_train.data import load_splits
+    from ssl_train.loop import WorkerContext, train_loop
+
+    config = load_config(overrides=[*TINY, "method=swav", "optim.epochs=1", "optim.warmup_epochs=0",
+                                    "swav.queue_length=256", "swav.queue_start_epoch=0"])
+    splits = load_splits(config.data)
+    first = train_loop(config, lambda m, c: None, WorkerContext(checkpoint_dir=tmp_path), splits=splits)
+    saved = load_checkpoint(first.checkpoint)["method"]["queue"]
+    assert saved.any()  # the run filled its queue
+    # Resumed at its last epoch, so what the loop returns is the method as the resume left it.
+    alone = train_loop(config, lambda m, c: None, WorkerContext(), checkpoint=first.checkpoint, splits=splits)
+    assert torch.equal(alone.method.queue, saved)  # one worker keeps its own queue (bitwise resume)
+    for rank in (0, 1):
+        resumed = train_loop(config, lambda m, c: None, WorkerContext(rank=rank, world_size=2),
+                             checkpoint=first.checkpoint, splits=splits)
+        assert not resumed.method.queue.any()  # each of 2 workers starts with an empty queue, not rank 0's copy

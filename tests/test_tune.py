@@ -135,8 +135,12 @@ def test_sweep_selects_on_val_and_confirms_on_test_with_a_real_mlflow_server(
     assert list(report.table["objective"]) == sorted(report.table["objective"], reverse=True)
 
 
-def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(ray_cluster, tmp_path, space_file):
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "sweeps")
+def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(
+    ray_cluster, tmp_path, space_file, monkeypatch
+):
+    # --storage as a file:// URI: given to Ray untouched (not resolved into ./file:/...), read back on resume.
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "sweeps").as_uri()
+    monkeypatch.chdir(tmp_path)
     settings = SweepSettings(space=str(space_file), overrides=[*TINY, "optim.epochs=1"], trials=2, min_epochs=1,
                              name="grow", storage=storage, tracking_uri=uri, experiment="ssl-tune-test", confirm=False)
     finish_sweep(settings, *run_sweep(settings))
@@ -160,6 +164,7 @@ def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(ray_cl
                                  f"tags.`{SWEEP_TAG}` = 'grow' and tags.`{TRIAL_TAG}` = 'sweep'")
     assert len(parents) == 1  # the parent was reattached
     assert extended.trials == 4 and "optim.lr" in run_sweep(extended, resume=True)[0][0].config  # nothing left to add
+    assert (tmp_path / "sweeps" / "grow" / "extend-1").is_dir() and not (tmp_path / "file:").exists()
 
 
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):

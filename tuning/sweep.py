@@ -35,6 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace, load_space
+from ssl_train import uris
 from ssl_train.augment import save_preview
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
@@ -84,6 +85,7 @@ class SweepSettings:
     confirm: bool = True
     confirm_top: int = 2
     confirm_seeds: int = 3
+    extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
 
     def base_config(self) -> TrainConfig:
         """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
@@ -211,7 +213,20 @@ def trial_dirname(trial: Trial) -> str:
 
 
 def sweep_path(settings: SweepSettings) -> Path:
-    return Path(settings.storage).resolve() / settings.name
+    """The sweep's own files (settings, Optuna study, best config, tables, plots): a local directory.
+
+    It is ``<storage>/<name>`` for a local ``--storage`` or a ``file://`` URI, and ``runs/sweeps/<name>``
+    here when the storage is remote (``s3://...``), where Ray keeps the Tune experiments.
+    """
+    local = uris.local_path(settings.storage, "--storage")
+    return (local if local is not None else Path("runs/sweeps").resolve()) / settings.name
+
+
+def tune_path(settings: SweepSettings, experiment: str | None = None) -> str:
+    """Where Tune keeps the sweep's search experiment, or one nested in it (``extend-1``, ``confirm-12``):
+    a local path or the storage URI, given to Ray untouched."""
+    root = f"{uris.absolute(settings.storage).rstrip('/')}/{settings.name}"
+    return root if experiment is None else f"{root}/{experiment}"
 
 
 def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, preview_images, workdir: Path):
@@ -281,11 +296,11 @@ class _Stage:
             trial_time_limit_s=settings.trial_time_limit_s,
         )
 
-    def run_config(self, name: str, storage: Path, stage: str) -> tune.RunConfig:
+    def run_config(self, name: str, storage: str, stage: str) -> tune.RunConfig:
         settings = self.settings
         return tune.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
             callbacks=[self.callback(stage, name)],
             verbose=1,
@@ -342,25 +357,31 @@ def run_sweep(
     stage = _prepare(settings, resume)
     settings.__dict__.update(stage.settings.__dict__)
     settings, path = stage.settings, stage.path
+    experiments = [tune_path(settings), *(tune_path(settings, f"{EXTEND_PREFIX}{k}")
+                                          for k in range(1, settings.extensions + 1))]
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{path}'")
-        tuners = [tune.Tuner.restore(str(folder), stage.trainable(), resume_unfinished=True, resume_errored=True)
-                  for folder in [path, *sorted(path.glob(f"{EXTEND_PREFIX}*"))]]
+        if not tune.Tuner.can_restore(experiments[0]):
+            raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{experiments[0]}'")
+        tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
+                  for where in experiments]
     else:
-        if path.exists() and tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"sweep '{settings.name}' already exists at {path}; use --resume {settings.name}")
+        if tune.Tuner.can_restore(experiments[0]):
+            raise ConfigError(f"sweep '{settings.name}' already exists at {experiments[0]}; "
+                              f"use --resume {settings.name}")
         save_settings(settings, path)
-        tuners = [_search_tuner(stage, settings.name, path.parent, settings.trials, enqueue_default=True)]
+        tuners = [_search_tuner(stage, settings.name, experiments[0].rpartition("/")[0], settings.trials,
+                                enqueue_default=True)]
     search: list[tune.Result] = []
     with interruption or contextlib.nullcontext():  # after ray.init, which installs its own SIGTERM handler
         for tuner in tuners:
             search += list(tuner.fit())
         missing = settings.trials - len(search)
         if resume and missing > 0 and not _interrupted(interruption):
-            name = f"{EXTEND_PREFIX}{len(tuners)}"
-            print(f"\nextending sweep {settings.name} by {missing} trials (to {settings.trials}) in {path / name}")
-            search += list(_search_tuner(stage, name, path, missing, enqueue_default=False).fit())
+            settings.extensions += 1
+            name = f"{EXTEND_PREFIX}{settings.extensions}"
+            save_settings(settings, path)
+            print(f"\nextending sweep {settings.name} by {missing} trials, to {settings.trials} ({name})")
+            search += list(_search_tuner(stage, name, tune_path(settings), missing, enqueue_default=False).fit())
         save_settings(settings, path)
         if not settings.confirm or _interrupted(interruption):
             return search, None
@@ -371,7 +392,7 @@ def _interrupted(interruption: Interruption | None) -> bool:
     return interruption is not None and interruption.interrupted
 
 
-def _search_tuner(stage: _Stage, name: str, storage: Path, trials: int, enqueue_default: bool) -> tune.Tuner:
+def _search_tuner(stage: _Stage, name: str, storage: str, trials: int, enqueue_default: bool) -> tune.Tuner:
     """A Tune experiment of ``trials`` search trials asking the sweep's Optuna study (created or continued)."""
     settings = stage.settings
     return tune.Tuner(
@@ -398,9 +419,9 @@ def _run_confirmation(stage: _Stage, name: str) -> tune.ResultGrid:
     """
     from tuning.report import load_report
 
-    settings, path = stage.settings, stage.path / name
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), stage.trainable(), resume_unfinished=True, resume_errored=True)
+    settings, where = stage.settings, tune_path(stage.settings, name)
+    if tune.Tuner.can_restore(where):
+        tuner = tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
     else:
         report = load_report(settings.tracking_uri, settings.name, settings.experiment)
         chosen = candidates(report.table, stage.space, settings.confirm_top)
@@ -414,7 +435,7 @@ def _run_confirmation(stage: _Stage, name: str) -> tune.ResultGrid:
                 num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=stage.run_config(name, stage.path, "confirm"),
+            run_config=stage.run_config(name, tune_path(settings), "confirm"),
         )
     return tuner.fit()
 
