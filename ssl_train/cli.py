@@ -102,6 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     for artifact in (summary.output_dir / "config.yaml", summary.backbone_path):
         if artifact is not None:
             tracker.client.log_artifact(run_id, str(artifact))
+    if summary.backbone_path is not None:
+        from ssl_train.mlflow_models import log_embedding_model
+        from ssl_train.run import load_backbone
+
+        scores = {key: f"{summary.metrics[key]:.4f}" for key in ("val_knn_acc", "test_knn_acc")
+                  if key in summary.metrics}
+        model_uri = log_embedding_model(tracker.tracking_uri, run_id, load_backbone(summary.output_dir), config,
+                                        register=args.register, tags=scores)
+        print(f"MLflow Model: {model_uri}  (embed images: ssl-tune embed {model_uri} IMAGES --out emb.parquet)")
     tracker.end_run(run_id, summary.status, f"{len(summary.history)} epochs, {summary.restarts} restarts")
     print(f"status: {summary.status}  restarts: {summary.restarts}  MLflow run: {run_id}")
     if summary.backbone_path:
@@ -109,6 +118,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.checkpoint:
         print(f"full checkpoint:  {summary.checkpoint}")
     return 0 if summary.status == "finished" else 1
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from ssl_train.data import load_images
+    from ssl_train.embedding import embed_batches
+    from ssl_train.run import load_embedding_model
+
+    if args.gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu: no CUDA device is visible here; run without --gpu to embed on the CPU")
+    model = load_embedding_model(args.model, args.tracking_uri)
+    images, names, skipped = load_images(str(args.images), model.image_size)
+    device = "cuda" if args.gpu else "cpu"
+    vectors = torch.cat(list(embed_batches(model, images.images, args.batch_size, device, sys.stderr.isatty())))
+    labels = pa.array([None if label < 0 else label for label in images.labels.tolist()], pa.int64())
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.flatten().numpy()), vectors.shape[1])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"path": names, "label": labels, "embedding": embedding}), args.out)
+    print(f"wrote {len(names)} embeddings of dimension {vectors.shape[1]} to {args.out}; "
+          f"skipped {len(skipped)} unreadable" + (f" (e.g. {skipped[0]})" if skipped else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ssl_train.embedding import export_onnx
+    from ssl_train.run import load_embedding_model
+
+    model = load_embedding_model(args.model, args.tracking_uri)
+    try:
+        path = export_onnx(model, args.onnx)
+    except ImportError as error:
+        raise ConfigError(f"ONNX export needs the onnx and onnxscript packages ({error}); "
+                          "pip install 'ssl-tune[export]'") from None
+    print(f"wrote {path}: uint8 images [N, 3, {model.image_size}, {model.image_size}] -> embeddings")
+    return 0
 
 
 def cmd_to_parquet(args: argparse.Namespace) -> int:
@@ -167,6 +214,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
         confirm=not args.no_confirm, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
+        register=args.register,
     )
     interruption = Interruption()
     search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
@@ -183,6 +231,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
               "trial by val, whose val score is optimistic\n")
     print(f"best config: {outcome.best_config_path}  (re-run: ssl-tune train --config {outcome.best_config_path})")
     print(f"MLflow: parent run {outcome.parent_run_id} in {settings.tracking_uri}  (browse: ssl-tune ui)")
+    if outcome.model_uri:
+        print(f"MLflow Model of the winner: {outcome.model_uri}  (ssl-tune embed {outcome.model_uri} IMAGES)")
     print(f"Optuna study: optuna-dashboard sqlite:///{outcome.path / 'optuna.db'}")
     return 0
 
@@ -226,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     train.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
+    train.add_argument("--register", metavar="NAME", help="register the trained model as a version of NAME "
+                       "(alias best) in the MLflow Model Registry")
     train.set_defaults(handler=cmd_train)
 
     tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
@@ -254,7 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--confirm-seeds", type=int, default=3, help="seeds per confirmed config (default 3)")
     tune.add_argument("--no-confirm", action="store_true",
                       help="skip confirmation: no test score, the best search trial by val is the result")
+    tune.add_argument("--register", metavar="NAME", help="register the confirmed winner's model as a version of "
+                      "NAME (alias best, tagged with the sweep and its val/test scores)")
     tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
+
+    embed = commands.add_parser("embed", help="embeddings of a folder or Parquet file of images, as Parquet")
+    embed.add_argument("model", help="a run directory, an MLflow run id, or models:/NAME@best")
+    embed.add_argument("images", type=Path, help="an image folder (flat or class sub-folders) or Parquet")
+    embed.add_argument("--out", type=Path, default=Path("embeddings.parquet"))
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--gpu", action="store_true", help="embed on the GPU")
+    embed.add_argument("--tracking-uri", help="MLflow tracking URI for run ids and models:/ URIs")
+    embed.set_defaults(handler=cmd_embed)
+
+    export = commands.add_parser("export", help="export a trained model (raw pixels -> embeddings) as ONNX")
+    export.add_argument("model", help="a run directory, an MLflow run id, or models:/NAME@best")
+    export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI for run ids and models:/ URIs")
+    export.set_defaults(handler=cmd_export)
 
     report = commands.add_parser("report", help="top trials of a sweep, read back from MLflow")
     report.add_argument("sweep", nargs="?", help="sweep name (default: the newest)")

@@ -526,6 +526,16 @@ def load_streamed_set(config: DataConfig) -> ImageSet:
     return _decode_records(records, config.image_size, [])
 
 
+def load_images(location: str, image_size: int) -> tuple[ImageSet, list[str], list[str]]:
+    """Every readable image of a folder (class sub-folders or flat) or Parquet file/folder: the images
+    (labels -1 where there are none), their names (file paths or ``file:row``) and the unreadable ones skipped."""
+    records = _any_records(_expand(location), "IMAGES")
+    skipped: list[str] = []
+    images = _decode_records(records, image_size, skipped)
+    dropped = set(skipped)
+    return images, [name for name in records.names if name not in dropped], skipped
+
+
 def _torchvision_dataset(factory: Callable[..., Any], name: str, root: Path, **kwargs: Any) -> Any:
     """The dataset from ``root``; downloaded there when missing (needs network)."""
     try:

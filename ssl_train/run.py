@@ -23,6 +23,7 @@ from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits
+from ssl_train.embedding import EmbeddingModel
 from ssl_train.loop import FINISHED, WorkerContext, build_model, in_process_device, train_loop
 
 BACKBONE_FILE = "backbone.pt"
@@ -53,13 +54,28 @@ def export_backbone(checkpoint: str | Path, config: TrainConfig, destination: st
     return destination
 
 
-def load_backbone(run_dir: str | Path) -> nn.Module:
-    """The trained backbone of a run directory, ready for feature extraction."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    backbone = build_backbone(config.backbone)
-    backbone.load_state_dict(torch.load(run_dir / BACKBONE_FILE, map_location="cpu", weights_only=True))
+def run_files(source: str | Path, tracking_uri: str | None = None) -> Path:
+    """A folder holding a trained run's ``config.yaml`` and ``backbone.pt``: a run directory as it is, or
+    those two artifacts of an MLflow run id or ``models:/NAME@alias`` URI, downloaded."""
+    if Path(source).is_dir():
+        return Path(source)
+    from ssl_train.mlflow_models import fetch_run_files  # the MLflow edge, only when it is needed
+
+    return fetch_run_files(str(source), tracking_uri)
+
+
+def load_backbone(source: str | Path, tracking_uri: str | None = None) -> nn.Module:
+    """The trained backbone of a run directory, an MLflow run id or ``models:/NAME@best``, in eval mode."""
+    folder = run_files(source, tracking_uri)
+    backbone = build_backbone(load_config(folder / "config.yaml").backbone)
+    backbone.load_state_dict(torch.load(folder / BACKBONE_FILE, map_location="cpu", weights_only=True))
     return backbone.eval()
+
+
+def load_embedding_model(source: str | Path, tracking_uri: str | None = None) -> EmbeddingModel:
+    """Raw uint8 pixels in, embeddings out: the backbone with its run's preprocessing (image size, normalisation)."""
+    folder = run_files(source, tracking_uri)
+    return EmbeddingModel(load_backbone(folder), load_config(folder / "config.yaml").data.image_size)
 
 
 def train(

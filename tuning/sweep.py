@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -86,6 +87,7 @@ class SweepSettings:
     confirm_top: int = 2
     confirm_seeds: int = 3
     extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
+    register: str | None = None  # register the winner's MLflow Model under this name
 
     def base_config(self) -> TrainConfig:
         """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
@@ -501,6 +503,7 @@ class SweepOutcome:
     confirmation_text: str | None  # per-config test mean ± std, baselines, margin and verdict
     margin: Margin | None
     parent_run_id: str
+    model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
 
 
 def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
@@ -561,13 +564,18 @@ def finish_sweep(
         client.set_tag(report.parent_id, "ssl_tune.winner", confirmation.winner)
         confirmation.runs.to_csv(path / "confirmation.csv", index=False)
         artifacts = [path / "confirmation.csv"]
-        weights = {r.metrics.get("trial_id"): r.checkpoint for r in (confirm or []) if r.checkpoint is not None}
+        weights = _checkpoints(confirm or [])
         keep = confirmation.runs[confirmation.runs["candidate"] == confirmation.winner]
+        scores = {"sweep": settings.name, "stage": "confirm",
+                  f"val_{settings.objective}": f"{summary.loc[confirmation.winner, 'val_mean']:.4f}",
+                  f"test_{settings.objective}": f"{summary.loc[confirmation.winner, 'test_mean']:.4f}"}
     else:
         winner = report.configs[report.best["run_id"]]
         artifacts = []
-        weights = {r.metrics.get("trial_id"): r.checkpoint for r in search if r.checkpoint is not None}
+        weights = _checkpoints(search)
         keep = report.table[report.table["status"] == "finished"].head(settings.keep_best)
+        scores = {"sweep": settings.name, "stage": "search",
+                  f"val_{settings.objective}": f"{float(report.best[OBJECTIVE]):.4f}"}
     # A re-run of the winner writes to a run directory of its own (not into the sweep) and reports test.
     best_config_path = winner.replace({"output_dir": TrainConfig.output_dir, "eval.test_at_end": True}).save(
         path / "best_config.yaml")
@@ -577,22 +585,47 @@ def finish_sweep(
     for artifact in artifacts:
         if artifact.exists():
             client.log_artifact(report.parent_id, str(artifact), "plots" if artifact.parent.name == "plots" else None)
-    _log_backbones(client, keep, weights, winner)
+    logged = _log_backbones(client, keep, weights, winner)
+    model_uri = None
+    if logged:
+        from ssl_train.mlflow_models import log_embedding_model
+
+        run_id, backbone = logged[0]
+        model_uri = log_embedding_model(settings.tracking_uri, run_id, backbone, winner, settings.register, scores)
     client.log_metric(report.parent_id, f"best_search_val_{settings.objective}", float(report.best[OBJECTIVE]))
     client.set_terminated(report.parent_id, "FINISHED")
     return SweepOutcome(
         name=settings.name, path=path, table_text=format_table(report), best_config_path=best_config_path,
-        confirmation_text=text, margin=margin, parent_run_id=report.parent_id,
+        confirmation_text=text, margin=margin, parent_run_id=report.parent_id, model_uri=model_uri,
     )
 
 
-def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Any], config: TrainConfig) -> None:
-    """``backbone.pt`` of each run in ``rows`` (columns trial, run_id) whose Tune checkpoint is at hand."""
-    from ssl_train.run import export_backbone
+def _checkpoints(results: list[tune.Result] | tune.ResultGrid) -> dict[str, Checkpoint]:
+    """Each trial's last checkpoint by trial id. A 2+ worker trial reports through Ray's TuneReportCallback,
+    which forwards only the checkpoint's path (its ``result.checkpoint`` is None): build it from the path."""
+    found = {}
+    for result in results:
+        checkpoint = result.checkpoint
+        if checkpoint is None and result.metrics.get("checkpoint_path"):
+            checkpoint = Checkpoint(result.metrics["checkpoint_path"])
+        if checkpoint is not None:
+            found[result.metrics.get("trial_id")] = checkpoint
+    return found
 
+
+def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Checkpoint],
+                   config: TrainConfig) -> list[tuple[str, Any]]:
+    """``backbone.pt`` of each run in ``rows`` (columns trial, run_id) whose Tune checkpoint is at hand;
+    returns (run id, backbone) of those logged."""
+    from ssl_train.run import export_backbone, load_backbone
+
+    logged = []
     for _, row in rows.iterrows():
         checkpoint = checkpoints.get(row["trial"])
         if checkpoint is not None:
             with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as staging:
                 weights = export_backbone(directory, config, Path(staging) / "backbone.pt")
                 client.log_artifact(row["run_id"], str(weights))
+                config.save(Path(staging) / "config.yaml")
+                logged.append((row["run_id"], load_backbone(staging)))
+    return logged

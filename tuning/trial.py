@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.train import Checkpoint
+from ray.tune import Checkpoint
 
 from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits

@@ -1,0 +1,74 @@
+"""The MLflow edge for trained models: a backbone logged as an MLflow Model, and found again.
+
+:func:`log_embedding_model` logs :class:`~ssl_train.embedding.EmbeddingModel` with MLflow's pytorch
+flavour, a signature (uint8 images ``[N, 3, S, S]`` in, float32 embeddings ``[N, D]`` out) and an input
+example, next to the run's plain ``backbone.pt`` and ``config.yaml``; ``register=NAME`` makes it a version
+of a registered model with the alias ``best``. :func:`fetch_run_files` resolves an MLflow run id or a
+``models:/NAME@alias`` / ``models:/NAME/VERSION`` URI to those two files, which
+:func:`ssl_train.run.load_backbone` loads with ``weights_only=True`` (the flavour's pickle is not needed).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from ssl_train.config import TrainConfig
+from ssl_train.embedding import EmbeddingModel
+
+MODEL_NAME = "model"  # the MLflow Model's name in its run
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def log_embedding_model(
+    tracking_uri: str, run_id: str, backbone: nn.Module, config: TrainConfig, register: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log the backbone as an MLflow Model in run ``run_id``; returns its URI (``models:/NAME/VERSION`` when
+    registered, else ``runs:/RUN/model``)."""
+    size = config.data.image_size
+    model = EmbeddingModel(backbone.cpu(), size)
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name=MODEL_NAME, signature=signature, input_example=example.numpy(),
+            registered_model_name=register, pip_requirements=["torch", "torchvision", "ssl-tune"],
+        )
+    if register is None:
+        return f"runs:/{run_id}/{MODEL_NAME}"
+    client = MlflowClient(tracking_uri)
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(register, "best", version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(register, version, key, value)
+    return f"models:/{register}/{version}"
+
+
+def fetch_run_files(source: str, tracking_uri: str | None = None) -> Path:
+    """A local folder with ``config.yaml`` and ``backbone.pt`` of an MLflow run id or a ``models:/`` URI."""
+    client = MlflowClient(tracking_uri)
+    run_id = source
+    if source.startswith("models:/"):
+        name, _, ref = source.removeprefix("models:/").partition("@")
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        run_id = version.run_id
+    elif not RUN_ID.match(source):
+        raise FileNotFoundError(f"'{source}' is not a run directory, an MLflow run id or a models:/NAME@alias URI")
+    folder = Path(tempfile.mkdtemp(prefix=f"ssl-tune-{run_id[:8]}-"))
+    for name in ("config.yaml", "backbone.pt"):
+        client.download_artifacts(run_id, name, str(folder))
+    return folder
