@@ -66,8 +66,11 @@ def fetch_run_files(source: str, tracking_uri: str | None = None) -> Path:
             name, _, number = name.partition("/")
             version = client.get_model_version(name, number)
         run_id = version.run_id
+    elif source.startswith("runs:/"):
+        run_id = source.removeprefix("runs:/").partition("/")[0]
     elif not RUN_ID.match(source):
-        raise FileNotFoundError(f"'{source}' is not a run directory, an MLflow run id or a models:/NAME@alias URI")
+        raise FileNotFoundError(f"'{source}' is not a run directory, an MLflow run id, runs:/ID/model or a "
+                                "models:/NAME@alias URI")
     folder = Path(tempfile.mkdtemp(prefix=f"ssl-tune-{run_id[:8]}-"))
     for name in ("config.yaml", "backbone.pt"):
         client.download_artifacts(run_id, name, str(folder))

@@ -167,6 +167,24 @@ def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(
     assert (tmp_path / "sweeps" / "grow" / "extend-1").is_dir() and not (tmp_path / "file:").exists()
 
 
+def test_a_two_worker_trial_keeps_its_best_weights(ray_cluster, tmp_path, space_file):
+    """Ray's TuneReportCallback forwards only the checkpoint's path: the sweep builds the checkpoint from it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = SweepSettings(
+        space=str(space_file), trials=1, min_epochs=1, name="wide", storage=str(tmp_path / "sweeps"),
+        overrides=[*TINY, "optim.epochs=1", "scaling.min_workers=2", "scaling.max_workers=2",
+                   "scaling.cpus_per_worker=0.5", "optim.lr=0.05"],
+        tracking_uri=uri, experiment="ssl-tune-test", confirm=False, keep_best=1,
+    )
+    search, _ = run_sweep(settings)
+    assert search[0].checkpoint is None and search[0].metrics.get("checkpoint_path")  # what Ray hands back
+    outcome = finish_sweep(settings, search)
+    (run,) = children(MlflowClient(uri), "wide")
+    assert run.data.metrics["workers"] == 2
+    assert "backbone.pt" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert outcome.model_uri == f"runs:/{run.info.run_id}/model"
+
+
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path):
     settings = SweepSettings(tracking_uri="http://127.0.0.1:9", name="never", storage=str(tmp_path))
     started = time.monotonic()
@@ -329,6 +347,23 @@ def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_
     assert (tmp_path / "plots" / "optimization_history.png").stat().st_size > 1000
     best = yaml.safe_load((tmp_path / "sweeps" / "small" / "best_config.yaml").read_text())
     assert best["method"] == "byol"
+
+
+def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_cluster, tmp_path):
+    """The default demo's shape (search, then confirmation), smaller: every line counted."""
+    command = [*_sweep_command(tmp_path, ray_cluster.address, "--name", "quiet"), "--min-epochs", "1"]
+    command.remove("--no-confirm")
+    command += ["--confirm-top", "1", "--confirm-seeds", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    # 4 search + 4 confirmation trials: a line each, a few summary lines, the report. The 12 + 9 trials of
+    # the default demo add one line per trial, which keeps it within about 80 lines.
+    assert len(lines) <= 60, "\n".join(lines)
+    assert sum("trial " in line and " epochs  best objective" in line for line in lines) == 4 + 4
+    assert not [line for line in lines if "Checkpoint successfully created" in line or "╭" in line]
+    log = tmp_path / "sweeps" / "quiet" / "sweep.log"
+    assert f"full log: {log}" in done.stdout and log.stat().st_size > 0
 
 
 def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable_mlflow_server, tmp_path):

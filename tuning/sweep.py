@@ -42,6 +42,7 @@ from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, Margin, candidates, confirmation_grid
+from tuning.progress import CompactReporter, log_to_file
 from tuning.tracking import (
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
@@ -56,6 +57,8 @@ from tuning.trial import OBJECTIVE, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial
 SETTINGS_FILE = "ssl_tune_sweep.json"
 STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
 CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the sweep directory
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines
+LOG_FILE = "sweep.log"  # Tune's status tables and Ray's INFO logs (the console gets the compact lines)
 EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
 
 
@@ -306,14 +309,23 @@ class _Stage:
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
             callbacks=[self.callback(stage, name)],
             verbose=1,
-            progress_reporter=tune.CLIReporter(
-                metric_columns={"epoch": "epoch", "loss": "loss", OBJECTIVE: OBJECTIVE, "status": "status"},
-                parameter_columns=(self.space.searched_keys() if stage == "search"
-                                   else {f"{CONFIRM_KEY}/candidate": "config", f"{CONFIRM_KEY}/seed_index": "seed"}),
-                max_report_frequency=15,
-                sort_by_metric=True,
-            ),
+            progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label),
         )
+
+
+def _search_label(trial: Trial) -> str:
+    """A search trial's searched values, short: ``lr=0.0004 tau_base=0.907``."""
+    return " ".join(f"{key.rpartition('.')[2]}={_short(value)}" for key, value in trial.config.items()
+                    if key not in ("method",))
+
+
+def _confirm_label(trial: Trial) -> str:
+    confirm = trial.config[CONFIRM_KEY]
+    return f"config {confirm['candidate']} seed {confirm['seed_index']}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
@@ -341,7 +353,11 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    return _Stage(settings, base, space, splits, sweep_path(settings))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic engine, which uses our CompactReporter
+    path = sweep_path(settings)
+    log_to_file(path / LOG_FILE)
+    print(f"full log: {path / LOG_FILE}")
+    return _Stage(settings, base, space, splits, path)
 
 
 def run_sweep(

@@ -26,6 +26,7 @@ from ssl_train.data import DatasetSplits
 from ssl_train.distributed import build_trainer, checkpoint_state
 from ssl_train.loop import COLLAPSED, DIVERGED, WorkerContext, in_process_device, train_loop
 from tuning.confirm import CONFIRM_KEY
+from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
 TRIAL_CPU_WHEN_DISTRIBUTED = 0.01  # the trial only waits on its TorchTrainer; 0 is rejected by Tune
@@ -55,6 +56,7 @@ def run_trial(
     params: dict[str, Any], *, base_config: dict[str, Any], objective: str, splits: DatasetSplits | None = None
 ) -> None:
     """The Tune function trainable (see ``tune.with_parameters`` in :mod:`tuning.sweep`)."""
+    quiet_worker_logs()
     trial_dir = tune.get_context().get_trial_dir()
     config = trial_config(base_config, params, trial_dir)
     if splits is not None and config.data != from_dict(base_config).data:

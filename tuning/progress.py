@@ -1,0 +1,100 @@
+"""A quiet console for sweeps: one line per trial that ends, one summary line a minute, the rest to a file.
+
+Tune's own output prints a box for every trial's config and result, and Ray forwards every
+worker's log line; a 12-trial demo printed hundreds of lines. :class:`CompactReporter` (a Tune
+``ProgressReporter``, used with the classic output engine, ``RAY_AIR_NEW_OUTPUT=0``) prints a line
+when a trial ends (status, epochs, its best objective, its searched values) and a summary line
+at an interval. "Best" is the best value a trial reached over its epochs, not its last. Tune's
+full status table and Ray's INFO logs go to ``sweep.log`` in the sweep directory
+(:func:`log_to_file`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import ProgressReporter
+from ray.tune.experiment import Trial
+
+from tuning.tracking import trial_outcome
+
+QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
+
+
+def best_value(trial: Trial, metric: str) -> float | None:
+    """The best (max) value of ``metric`` the trial reported over its epochs."""
+    analysis = trial.metric_analysis.get(metric)
+    return None if not analysis else float(analysis["max"])
+
+
+class CompactReporter(ProgressReporter):
+    """A line per ended trial and a summary line every ``interval_s``; the full table goes to ``log``."""
+
+    def __init__(self, metric: str, label: Any, interval_s: float = 60.0, log: logging.Logger | None = None) -> None:
+        self.metric = metric
+        self.label = label  # trial -> the short text that names its searched values
+        self.interval_s = interval_s
+        self.log = log or logging.getLogger("ssl_tune.sweep")
+        self.started = time.monotonic()
+        self.last_summary = self.started
+        self.reported: set[str] = set()
+        self.pending: list[Trial] = []
+
+    def should_report(self, trials: list[Trial], done: bool = False) -> bool:
+        self.pending = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)
+                        and t.trial_id not in self.reported]
+        return bool(self.pending) or done or time.monotonic() - self.last_summary >= self.interval_s
+
+    def report(self, trials: list[Trial], done: bool, *sys_info: Any) -> None:
+        for trial in self.pending:
+            self.reported.add(trial.trial_id)
+            status = "failed" if trial.status == Trial.ERROR else trial_outcome(trial.last_result or {}, None)[0]
+            best = best_value(trial, self.metric)
+            epochs = (trial.last_result or {}).get("epoch", 0)
+            value = f"{best:.4f}" if best is not None else "-"
+            print(f"  trial {trial.trial_id:<14} {status:<9} {epochs:>3} epochs  best {self.metric} {value}  "
+                  f"{self.label(trial)}", flush=True)
+        self.pending = []
+        now = time.monotonic()
+        if done or now - self.last_summary >= self.interval_s:
+            self.last_summary = now
+            print(self._summary(trials, now), flush=True)
+        self.log.info("trials:\n%s", "\n".join(
+            f"{t.trial_id} {t.status} epoch={(t.last_result or {}).get('epoch')} best={best_value(t, self.metric)} "
+            f"{t.config}" for t in trials))
+
+    def _summary(self, trials: list[Trial], now: float) -> str:
+        counts = {status: sum(t.status == status for t in trials) for status in (Trial.RUNNING, Trial.PENDING)}
+        ended = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+        scored = [(best_value(t, self.metric), t) for t in trials]
+        scored = [(value, t) for value, t in scored if value is not None]
+        best = max(scored, key=lambda pair: pair[0], default=None)
+        best_text = f"; current best {best[0]:.4f} (trial {best[1].trial_id})" if best else ""
+        minutes, seconds = divmod(int(now - self.started), 60)
+        return (f"[{minutes}m{seconds:02d}s] {ended} ended, {counts[Trial.RUNNING]} running, "
+                f"{counts[Trial.PENDING]} pending{best_text}")
+
+
+def log_to_file(path: Path) -> logging.Logger:
+    """Send Ray's INFO logs (Tune, Train) and the reporter's full tables to ``path``; warnings still reach
+    the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    to_console = logging.StreamHandler()
+    to_console.setLevel(logging.WARNING)
+    for name in (*QUIET_LOGGERS, "ssl_tune"):
+        logger = logging.getLogger(name)
+        logger.handlers = [to_file, to_console]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logging.getLogger("ssl_tune.sweep")
+
+
+def quiet_worker_logs() -> None:
+    """In a trial process: Ray's INFO lines (a checkpoint per epoch) stay out of the forwarded console output."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
