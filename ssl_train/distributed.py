@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ssl_train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_train.config import ConfigError, TrainConfig, from_dict
-from ssl_train.loop import RunFailedError, WorkerContext, train_loop
+from ssl_train.loop import Reporter, RunFailedError, WorkerContext, train_loop
+from ssl_train.status import Status
 from ssl_train.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
-
-Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
 def scaling_config(config: TrainConfig) -> ScalingConfig:
@@ -240,4 +239,4 @@ def fit(
     local, state = None, checkpoint_state(result.checkpoint)
     if state is not None:
         local = save_checkpoint(state, output_dir / "checkpoints", int(state["epoch"]))
-    return summary.get("status", "failed"), summary.get("history", []), local, summary.get("restarts", 0)
+    return summary.get("status", Status.FAILED), summary.get("history", []), local, summary.get("restarts", 0)

@@ -33,8 +33,8 @@ from ssl_train.evaluate import embedding_std, evaluate_backbone
 from ssl_train.methods import build_method
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler, ShardedImages, loss_weight
+from ssl_train.status import Status
 
-RUNNING, FINISHED, DIVERGED, COLLAPSED = "running", "finished", "diverged", "collapsed"
 logger = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
@@ -199,7 +199,7 @@ def train_loop(
     use_bf16 = device.type == "cuda" and config.optim.mixed_precision
     memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
 
-    status, last_checkpoint = FINISHED, None
+    status, last_checkpoint = Status.FINISHED, None
     for epoch in range(start_epoch, config.optim.epochs):
         method.train()
         sampler.set_epoch(epoch)
@@ -240,21 +240,21 @@ def train_loop(
         if isinstance(images, ShardedImages):
             metrics["streamed_rows_held"] = len(images.images)  # this worker's share of the streamed rows
         if not math.isfinite(mean_loss):
-            status = DIVERGED
-        if status != DIVERGED:
+            status = Status.DIVERGED
+        if status != Status.DIVERGED:
             metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
             last_epoch = epoch + 1 == config.optim.epochs
             if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
                 metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="val"))
             past_grace = epoch + 1 > config.eval.collapse_grace_epochs
             if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
-                status = COLLAPSED
+                status = Status.COLLAPSED
             elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
                 metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="test"))
-        metrics["status"] = RUNNING if status == FINISHED and epoch + 1 < config.optim.epochs else status
+        metrics["status"] = Status.RUNNING if status == Status.FINISHED and epoch + 1 < config.optim.epochs else status
         history.append(metrics)
 
-        if status != DIVERGED and context.checkpoint_dir is not None:
+        if status != Status.DIVERGED and context.checkpoint_dir is not None:
             if context.is_main:
                 last_checkpoint = save_checkpoint(
                     {
@@ -272,12 +272,12 @@ def train_loop(
                     epoch + 1,
                 )
         report(metrics, last_checkpoint if context.is_main else None)
-        if status != FINISHED:
+        if status != Status.FINISHED:
             break
 
     return TrainResult(
         status=status,
-        epochs_completed=len(history) - (status == DIVERGED),
+        epochs_completed=len(history) - (status == Status.DIVERGED),
         history=history,
         checkpoint=last_checkpoint,
         restarts=restarts,

@@ -24,7 +24,8 @@ from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits
 from ssl_train.embedding import EmbeddingModel
-from ssl_train.loop import FINISHED, WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.loop import WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.status import Status
 
 BACKBONE_FILE = "backbone.pt"
 
@@ -120,6 +121,6 @@ def train(
         status, history, checkpoint, restarts = result.status, result.history, result.checkpoint, result.restarts
 
     backbone_path = None
-    if status == FINISHED and checkpoint is not None:
+    if status == Status.FINISHED and checkpoint is not None:
         backbone_path = export_backbone(checkpoint, config, output_dir / BACKBONE_FILE)
     return RunSummary(status, output_dir, history, checkpoint, backbone_path, restarts)

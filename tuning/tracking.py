@@ -25,6 +25,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from ssl_train.status import Status
+
 SWEEP_TAG = "ssl_tune.sweep"
 TRIAL_TAG = "ssl_tune.trial_id"
 STATUS_TAG = "ssl_tune.status"
@@ -122,7 +124,8 @@ class RunTracker:
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """Close a run; ``status`` is ssl-tune's (finished, pruned, diverged, collapsed, failed)."""
         self.client.log_batch(run_id, tags=[RunTag(STATUS_TAG, status), RunTag(REASON_TAG, reason)])
-        mlflow_status = {"finished": "FINISHED", "pruned": "KILLED", "time_limit": "KILLED"}.get(status, "FAILED")
+        mlflow_status = {Status.FINISHED: "FINISHED", Status.PRUNED: "KILLED", Status.TIME_LIMIT: "KILLED"}.get(
+            status, "FAILED")
         self.client.set_terminated(run_id, status=mlflow_status)
 
 
@@ -151,7 +154,7 @@ class SweepTracker(RunTracker):
             self.client.update_run(existing, status="RUNNING")
             return existing, False
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id or "", SWEEP_TAG: self.sweep_name, TRIAL_TAG: trial_id,
-                STATUS_TAG: "running", **tags}
+                STATUS_TAG: Status.RUNNING, **tags}
         return self.create_run(run_name, params, tags), True
 
     def drop_runs_except(self, trial_ids: set[str], tune_experiment: str) -> list[str]:
@@ -258,7 +261,7 @@ class MLflowSweepCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.on_trial_start(iteration, trials, trial)
         error = getattr(trial, "error_file", None) or "see the trial's error.txt in the sweep directory"
-        self._write({"op": "end", "trial": trial.trial_id, "status": "failed",
+        self._write({"op": "end", "trial": trial.trial_id, "status": Status.FAILED,
                      "reason": f"trial raised an error: {error}"})
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -331,14 +334,15 @@ class MLflowSweepCallback(Callback):
 
 def trial_outcome(last_result: dict[str, Any], time_limit_s: float | None) -> tuple[str, str]:
     """ssl-tune's status of a trial that ended, and why, from its last result."""
-    status = last_result.get("status", "running")
+    status = last_result.get("status", Status.RUNNING)
     epoch = last_result.get("epoch", 0)
-    if status == "finished":
-        return "finished", f"trained all {epoch} epochs"
-    if status == "diverged":
-        return "diverged", f"non-finite loss in epoch {epoch}"
-    if status == "collapsed":
-        return "collapsed", f"embedding std {last_result.get('embedding_std', 0):.3f} below threshold at epoch {epoch}"
+    if status == Status.FINISHED:
+        return Status.FINISHED, f"trained all {epoch} epochs"
+    if status == Status.DIVERGED:
+        return Status.DIVERGED, f"non-finite loss in epoch {epoch}"
+    if status == Status.COLLAPSED:
+        std = last_result.get("embedding_std", 0)
+        return Status.COLLAPSED, f"embedding std {std:.3f} below threshold at epoch {epoch}"
     if time_limit_s and last_result.get("time_total_s", 0) >= time_limit_s:
-        return "time_limit", f"stopped at the trial time limit of {time_limit_s:.0f} s after epoch {epoch}"
-    return "pruned", f"stopped early by ASHA after epoch {epoch}"
+        return Status.TIME_LIMIT, f"stopped at the trial time limit of {time_limit_s:.0f} s after epoch {epoch}"
+    return Status.PRUNED, f"stopped early by ASHA after epoch {epoch}"
