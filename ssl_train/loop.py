@@ -251,7 +251,9 @@ def train_loop(
                 status = Status.COLLAPSED
             elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
                 metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="test"))
-        metrics["status"] = Status.RUNNING if status == Status.FINISHED and epoch + 1 < config.optim.epochs else status
+        # .value: plain text in the metrics (and so in checkpoints, which load with weights_only=True)
+        metrics["status"] = (Status.RUNNING if status == Status.FINISHED and epoch + 1 < config.optim.epochs
+                             else status).value
         history.append(metrics)
 
         if status != Status.DIVERGED and context.checkpoint_dir is not None:
