@@ -65,21 +65,21 @@ class RunFailedError(RuntimeError):
 
 
 @dataclass
-class TrainResult:
-    status: str
-    epochs_completed: int
-    history: list[dict[str, Any]]
-    checkpoint: Path | None
+class RunOutcome:
+    """How a run ended, the same type whichever way it ran: this loop, a Ray Train worker group
+    (:func:`ssl_train.distributed.fit`) or :func:`ssl_train.run.train`, which adds the run directory's files."""
+
+    status: Status
+    history: list[dict[str, Any]]  # one metrics dict per epoch, each epoch once
     restarts: int
-    method: nn.Module
+    checkpoint: Path | None = None  # the last complete checkpoint
+    method: nn.Module | None = None  # the trained method, for a run in this process
+    output_dir: Path | None = None
+    backbone_path: Path | None = None  # backbone.pt of a finished run
 
     @property
     def metrics(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.method.backbone
 
 
 def _seed_everything(seed: int) -> None:
@@ -324,7 +324,7 @@ class Trainer:
                              else status).value
         return metrics, status
 
-    def fit(self) -> TrainResult:
+    def fit(self) -> RunOutcome:
         """Train the remaining epochs; after each, report its metrics and (rank 0) its checkpoint."""
         status, last_checkpoint = Status.FINISHED, None
         for epoch in range(self.state.epoch, self.config.optim.epochs):
@@ -337,15 +337,7 @@ class Trainer:
             self.report(metrics, last_checkpoint if self.context.is_main else None)
             if status != Status.FINISHED:
                 break
-        history = self.state.history
-        return TrainResult(
-            status=status,
-            epochs_completed=len(history) - (status == Status.DIVERGED),
-            history=history,
-            checkpoint=last_checkpoint,
-            restarts=self.state.restarts,
-            method=self.method,
-        )
+        return RunOutcome(status, self.state.history, self.state.restarts, last_checkpoint, self.method)
 
 
 def train_loop(
@@ -355,7 +347,7 @@ def train_loop(
     checkpoint: str | Path | dict[str, Any] | None = None,
     splits: DatasetSplits | None = None,
     streamed: Iterable[dict[str, Any]] | None = None,
-) -> TrainResult:
+) -> RunOutcome:
     """Train ``config.method`` for ``config.optim.epochs`` epochs; report metrics and a checkpoint each epoch
     (see :class:`Trainer`)."""
     return Trainer(config, report, context, checkpoint, splits, streamed).fit()
