@@ -234,7 +234,7 @@ def test_ui_binds_to_loopback_by_default(tmp_path, free_port):
                f"sqlite:///{tmp_path / 'mlflow.db'}"]
     ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_until(lambda: _accepts("127.0.0.1", port) or ui.poll() is not None, "the MLflow UI listens", 120)
+        _wait_until(lambda: _accepts("127.0.0.1", port) or ui.poll() is not None, "the MLflow UI listens", 300)
         assert _accepts("127.0.0.1", port)
         outside = _non_loopback_address()
         if outside is not None:

@@ -263,7 +263,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+               "--port", str(args.port), "--workers", "1"]  # one local user: one worker starts in a fraction
     return subprocess.call(command)
 
 
