@@ -37,7 +37,7 @@ from ssl_train.augment import MultiViewDataset, view_recipes
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits, load_splits
 from ssl_train.distributed import fit
-from ssl_train.loop import WorkerContext, build_model, train_loop
+from ssl_train.loop import WorkerContext, build_model, train_loop, train_step
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler
 
@@ -72,14 +72,7 @@ def plain_loop(config: TrainConfig, splits: DatasetSplits) -> list[float]:
         sampler.set_epoch(epoch)
         method.train()
         for i, views in enumerate(loader):
-            step = epoch * len(sampler) + i
-            loss, _ = method(views, step, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(step)
-            optimizer.step()
-            scheduler.step()
-            method.after_optimizer_step(step, total)
+            train_step(method, method, optimizer, scheduler, views, epoch * len(sampler) + i, epoch, total)
         periods.append(time.perf_counter() - started)
     return periods
 

@@ -108,6 +108,15 @@ class Param:
             return list(self.choices)
         return [json.dumps(_thaw(choice)) for choice in self.choices]
 
+    def optuna_value(self, value: Any) -> Any | None:
+        """A config value as Optuna stores it for this parameter (a choice's label, a number in range), or
+        None when the parameter cannot take it."""
+        if self.kind == "choice":
+            labels = self.choice_labels()
+            label = value if value in labels else json.dumps(value)
+            return label if label in labels else None
+        return value if self.low <= value <= self.high else None
+
 
 @dataclass(frozen=True)
 class SearchSpace:

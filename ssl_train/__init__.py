@@ -13,7 +13,7 @@ _EXPORTS = {
     "ConfigError": "ssl_train.config",
     "TrainConfig": "ssl_train.config",
     "load_config": "ssl_train.config",
-    "RunSummary": "ssl_train.run",
+    "RunOutcome": "ssl_train.loop",
     "load_backbone": "ssl_train.run",
     "train": "ssl_train.run",
 }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import typing
+
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
-from ssl_train.config import BACKBONES, BackboneConfig
+from ssl_train.config import BackboneConfig
 
 
 class SmallCNN(nn.Sequential):
@@ -50,4 +52,5 @@ def build_backbone(config: BackboneConfig) -> nn.Module:
         return SmallCNN(config.width)
     if config.name in ("resnet18", "resnet50"):
         return _resnet(config.name, config.small_image_stem)
-    raise ValueError(f"backbone.name={config.name!r} is unknown; choose one of {list(BACKBONES)}")
+    known = typing.get_args(typing.get_type_hints(BackboneConfig)["name"])  # the config's Literal, in one place
+    raise ValueError(f"backbone.name={config.name!r} is unknown; choose one of {list(known)}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from ssl_train.config import TrainConfig
 from ssl_train.heads import mlp
+from ssl_train.methods import SSLMethod
 
 
 def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:
@@ -53,7 +54,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * (p * z).sum(dim=-1)).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(SSLMethod):
     """Online f, g, q and target f', g' around ``backbone``; the loss is symmetrised over the two views."""
 
     def __init__(self, backbone: nn.Module, config: TrainConfig) -> None:
@@ -75,16 +76,6 @@ class BYOL(nn.Module):
             target = [self.target_projector(self.target_backbone(view)) for view in views]
         loss = byol_loss(self.predictor(online[0]), target[1]) + byol_loss(self.predictor(online[1]), target[0])
         return loss, F.normalize(online[0].detach().float(), dim=-1)
-
-    def training_loss(self, views: list[torch.Tensor], step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(views, step, epoch)
-
-    def before_optimizer_step(self, step: int) -> None:
-        """Nothing to do: the target receives no gradient."""
-
-    def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
-        """Nothing to adjust: every part of BYOL's state is the same on all workers."""
-        return None
 
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """EMA of the target towards the online network with ``tau(step)``."""

@@ -19,11 +19,6 @@ import yaml
 
 from ssl_train import uris
 
-METHODS = ("byol", "swav")
-BACKBONES = ("small_cnn", "resnet18", "resnet50")
-OPTIMIZERS = ("sgd", "lars", "adamw")
-TORCHVISION_SOURCES = ("cifar10", "stl10")
-
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and what is allowed."""
@@ -156,7 +151,6 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     sync_batchnorm: bool = False
-    stream_parquet: bool = False
     storage: Optional[str] = None
     resize_interval_s: float = 60.0
 

@@ -9,12 +9,13 @@ count (see :mod:`ssl_train.sharding`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ssl_train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_train.config import ConfigError, TrainConfig, from_dict
-from ssl_train.loop import RunFailedError, WorkerContext, train_loop
+from ssl_train.loop import Reporter, RunFailedError, RunOutcome, WorkerContext, train_loop
+from ssl_train.status import Status
 from ssl_train.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
-
-Reporter = Callable[[dict[str, Any], "Path | None"], None]
 
 
 def scaling_config(config: TrainConfig) -> ScalingConfig:
@@ -66,7 +66,7 @@ def checkpoint_state(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
         return load_checkpoint(directory)
 
 
-def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+def _worker_loop(loop_config: dict[str, Any]) -> RunOutcome:
     """What each Ray Train worker runs: the train loop with Ray's context, reporter and checkpoint."""
     config = from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -91,7 +91,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             checkpoint_dir=Path(staging),
         )
         result = train_loop(config, report, worker, checkpoint=state, streamed=streamed)
-    return {"status": result.status, "history": result.history, "restarts": result.restarts}
+    return dataclasses.replace(result, method=None, checkpoint=None)  # the driver gets the checkpoint from Ray
 
 
 def build_trainer(
@@ -193,8 +193,8 @@ def _relay(progress: Queue, record: Reporter, wait_s: float) -> None:
 
 def fit(
     config: TrainConfig, record: Reporter, *, resume_from: Path | None = None, address: str | None = None
-) -> tuple[str, list[dict[str, Any]], Path | None, int]:
-    """Run ``config`` under Ray Train; returns (status, history, local checkpoint, restarts).
+) -> RunOutcome:
+    """Run ``config`` under Ray Train; returns how it ended, with the last checkpoint copied here.
 
     ``record`` receives rank 0's metrics as each epoch ends (an epoch redone after a restart
     is recorded again; the returned history has each epoch once). The last checkpoint is
@@ -215,13 +215,13 @@ def fit(
         resume_from=resume_from,
         progress=progress,
     )
-    outcome: dict[str, Any] = {}
+    ended: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            ended["result"] = trainer.fit()
         except BaseException as error:  # handed to the calling thread below
-            outcome["error"] = error
+            ended["error"] = error
 
     # fit() runs in a daemon thread so that this one relays progress and Ctrl-C still ends the process.
     runner = threading.Thread(target=run, name="ray-train-fit", daemon=True)
@@ -230,14 +230,14 @@ def fit(
         _relay(progress, record, wait_s=1.0)
     _relay(progress, record, wait_s=0)
     progress.shutdown()
-    error = outcome.get("error")
+    error = ended.get("error")
     if isinstance(error, TrainingFailedError):
         raise RunFailedError(_failure_message(error, config.scaling.max_failures)) from error
     if error is not None:
         raise error
-    result = outcome["result"]
-    summary = result.return_value or {}
-    local, state = None, checkpoint_state(result.checkpoint)
+    result = ended["result"]
+    outcome = result.return_value or RunOutcome(Status.FAILED, [], 0)
+    state = checkpoint_state(result.checkpoint)
     if state is not None:
-        local = save_checkpoint(state, output_dir / "checkpoints", int(state["epoch"]))
-    return summary.get("status", "failed"), summary.get("history", []), local, summary.get("restarts", 0)
+        outcome.checkpoint = save_checkpoint(state, output_dir / "checkpoints", int(state["epoch"]))
+    return outcome

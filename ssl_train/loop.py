@@ -30,11 +30,11 @@ from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
 from ssl_train.data import DatasetSplits, load_splits, load_streamed_set
 from ssl_train.evaluate import embedding_std, evaluate_backbone
-from ssl_train.methods import build_method
+from ssl_train.methods import SSLMethod, build_method
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler, ShardedImages, loss_weight
+from ssl_train.status import Status
 
-RUNNING, FINISHED, DIVERGED, COLLAPSED = "running", "finished", "diverged", "collapsed"
 logger = logging.getLogger(__name__)
 
 Reporter = Callable[[dict[str, Any], "Path | None"], None]
@@ -65,21 +65,21 @@ class RunFailedError(RuntimeError):
 
 
 @dataclass
-class TrainResult:
-    status: str
-    epochs_completed: int
-    history: list[dict[str, Any]]
-    checkpoint: Path | None
+class RunOutcome:
+    """How a run ended, the same type whichever way it ran: this loop, a Ray Train worker group
+    (:func:`ssl_train.distributed.fit`) or :func:`ssl_train.run.train`, which adds the run directory's files."""
+
+    status: Status
+    history: list[dict[str, Any]]  # one metrics dict per epoch, each epoch once
     restarts: int
-    method: nn.Module
+    checkpoint: Path | None = None  # the last complete checkpoint
+    method: nn.Module | None = None  # the trained method, for a run in this process
+    output_dir: Path | None = None
+    backbone_path: Path | None = None  # backbone.pt of a finished run
 
     @property
     def metrics(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.method.backbone
 
 
 def _seed_everything(seed: int) -> None:
@@ -101,6 +101,41 @@ def build_model(config: TrainConfig) -> nn.Module:
     return build_method(build_backbone(config.backbone), config)
 
 
+class EpochBatches:
+    """The SSL-train images behind one interface: ``loader_for_epoch(epoch)`` yields this worker's view
+    batches of that epoch, whether the images are all in memory or this worker's streamed share."""
+
+    def __init__(self, config: TrainConfig, images: torch.Tensor | ShardedImages, recipes: list[ViewRecipe],
+                 sampler: GlobalBatchSampler) -> None:
+        self.config, self.images, self.recipes, self.sampler = config, images, recipes, sampler
+        if isinstance(images, torch.Tensor):  # one loader for the run: the sampler picks each epoch's batches
+            self.loader = DataLoader(
+                MultiViewDataset(images, recipes), batch_sampler=sampler, num_workers=config.data.loader_workers,
+                persistent_workers=config.data.loader_workers > 0,
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def loader_for_epoch(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        if isinstance(self.images, torch.Tensor):
+            return self.loader
+        # Streamed: the epoch's exchange hands this worker exactly its slices, already in batch order.
+        images = self.images.epoch_images(epoch, self.config.optim.batch_size, self.config.seed)
+        return DataLoader(
+            MultiViewDataset(images, self.recipes),
+            batch_sampler=BatchSampler(SequentialSampler(range(len(images))), self.sampler.stop - self.sampler.start,
+                                       False),
+            num_workers=self.config.data.loader_workers,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        if isinstance(self.images, ShardedImages):
+            return {"streamed_rows_held": len(self.images.images)}  # this worker's share of the streamed rows
+        return {}
+
+
 def _training_images(
     config: TrainConfig, splits: DatasetSplits, streamed: Iterable[dict[str, Any]] | None, context: WorkerContext
 ) -> torch.Tensor | ShardedImages:
@@ -116,14 +151,193 @@ def _training_images(
     return load_streamed_set(config.data).images
 
 
-def _epoch_loader(images: torch.Tensor, recipes: list[ViewRecipe], sampler: GlobalBatchSampler,
-                  config: TrainConfig) -> DataLoader:
-    """Views of one epoch's streamed images, already in this worker's batch order."""
-    return DataLoader(
-        MultiViewDataset(images, recipes),
-        batch_sampler=BatchSampler(SequentialSampler(range(len(images))), sampler.stop - sampler.start, False),
-        num_workers=config.data.loader_workers,
-    )
+@dataclass
+class TrainState:
+    """What a checkpoint holds and a resume restores: the method, optimiser, schedule, progress and RNG."""
+
+    method: SSLMethod
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+
+    def state_dict(self, config: TrainConfig, world_size: int) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "restarts": self.restarts,
+            "world_size": world_size,
+            "rng": rng_state(),
+            "config": config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state (the RNG last, as it was saved); the restart count goes up by one."""
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history, self.restarts = state["epoch"], list(state["history"]), state["restarts"] + 1
+
+
+def train_step(
+    model: nn.Module, method: SSLMethod, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None, views: list[torch.Tensor], step: int, epoch: int,
+    total_steps: int, loss_weight: float = 1.0, bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimisation step at global ``step``: forward (``model`` may be ``method`` wrapped in DDP), the
+    weighted backward, the method's hooks around the optimiser and lr steps. Returns (loss, embeddings, extras)."""
+    with torch.autocast(device_type=views[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, embeddings = model(views, step, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_weight).backward()
+    method.before_optimizer_step(step)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), embeddings, method.after_optimizer_step(step, total_steps)
+
+
+class Trainer:
+    """One run of one config on one worker: :meth:`fit` runs :meth:`train_one_epoch` and :meth:`epoch_outcome`
+    per epoch, reporting metrics and a checkpoint after each.
+
+    ``checkpoint`` (a directory or a loaded state) resumes a run where it stopped: the same weights,
+    optimizer, schedule, RNG and data order, so 2 + 2 epochs equal 4. ``streamed`` (with
+    ``data.streaming``) is this worker's share of the SSL-train rows from Ray Data.
+    """
+
+    def __init__(
+        self, config: TrainConfig, report: Reporter, context: WorkerContext | None = None,
+        checkpoint: str | Path | dict[str, Any] | None = None, splits: DatasetSplits | None = None,
+        streamed: Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        self.config, self.report = config, report
+        self.context = context = context or WorkerContext()
+        self.device = device = context.device
+        self.splits = splits or load_splits(config.data)
+        images = _training_images(config, self.splits, streamed, context)
+        check_batch_fits(config, len(images))
+
+        method = build_model(config).to(device)
+        if config.scaling.sync_batchnorm and context.world_size > 1:
+            if device.type != "cuda":  # torch's SyncBatchNorm raises on CPU tensors at the first step
+                raise ConfigError(f"scaling.sync_batchnorm=true needs GPU workers, but this worker runs on {device}; "
+                                  "set scaling.use_gpu=true on a GPU cluster, or scaling.sync_batchnorm=false")
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        if config.optim.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        self.method = method
+
+        sampler = GlobalBatchSampler(len(images), config.optim.batch_size, context.rank, context.world_size,
+                                     config.seed)
+        self.steps_per_epoch = len(sampler)
+        self.total_steps = self.steps_per_epoch * config.optim.epochs
+        optimizer = build_optimizer(method, config.optim)
+        self.state = TrainState(method, optimizer, build_scheduler(optimizer, config.optim, self.steps_per_epoch))
+        self._restore(checkpoint)
+
+        self.model: nn.Module = method
+        if context.world_size > 1 and dist.is_initialized():
+            # broadcast_buffers=False: the SwAV queue holds each worker's own features. Its successor
+            # (forward_sync_buffers) would still sync buffers at init, hence the silenced deprecation.
+            device_ids = [device.index] if device.type == "cuda" else None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                self.model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids,
+                                                                 broadcast_buffers=False)
+        self.batches = EpochBatches(config, images, view_recipes(config), sampler)
+        self.loss_weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
+        self.bf16 = device.type == "cuda" and config.optim.mixed_precision
+        self.memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
+
+    def _restore(self, checkpoint: str | Path | dict[str, Any] | None) -> None:
+        context = self.context
+        if checkpoint is None:
+            _seed_everything(self.config.seed + 1_000 * context.rank)
+            return
+        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        self.state.load_state_dict(state)
+        note = self.method.on_resume(context.world_size, state.get("world_size", 1))
+        if note and context.is_main:
+            logger.warning(note)
+        set_rng_state(state["rng"])
+        if context.rank > 0:  # only rank 0's RNG is saved: give the others their own stream again
+            _seed_everything(self.config.seed + 1_000 * context.rank + 1_000_000 * self.state.epoch)
+
+    def train_one_epoch(self, epoch: int) -> tuple[float, torch.Tensor | None, dict[str, float], float]:
+        """Every step of ``epoch``: (mean loss over this worker's steps, last embeddings, last extras, seconds)."""
+        self.method.train()
+        started = time.perf_counter()
+        loss_sum, embeddings, extras = 0.0, None, {}
+        steps = tqdm(
+            self.batches.loader_for_epoch(epoch), desc=f"epoch {epoch + 1}/{self.config.optim.epochs}", leave=False,
+            disable=not (self.context.show_progress and self.context.is_main),
+        )
+        for step_in_epoch, views in enumerate(steps):
+            step = epoch * self.steps_per_epoch + step_in_epoch
+            views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
+            loss, embeddings, extras = train_step(
+                self.model, self.method, self.state.optimizer, self.state.scheduler, views, step, epoch,
+                self.total_steps, self.loss_weight, self.bf16,
+            )
+            loss_sum += loss.item()
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+        return loss_sum / self.steps_per_epoch, embeddings, extras, time.perf_counter() - started
+
+    def epoch_outcome(self, epoch: int, mean_loss: float, embeddings: torch.Tensor | None, extras: dict[str, float],
+                      seconds: float) -> tuple[dict[str, Any], Status]:
+        """The epoch's metrics (val every ``eval.every_epochs`` and at the end; test once, after the last epoch
+        of a finished run when ``eval.test_at_end``) and the run's status after it."""
+        config, context = self.config, self.context
+        mean_loss = _mean_over_workers(mean_loss, context)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": mean_loss,
+            "lr": self.state.scheduler.get_last_lr()[0],
+            "images_per_s": self.steps_per_epoch * config.optim.batch_size / seconds,
+            "workers": context.world_size,
+            "restarts": self.state.restarts,
+            **extras,
+            **self.batches.metrics(),
+        }
+        status = Status.FINISHED
+        if not math.isfinite(mean_loss):
+            status = Status.DIVERGED
+        if status != Status.DIVERGED:
+            metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
+            last_epoch = epoch + 1 == config.optim.epochs
+            if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
+                metrics.update(evaluate_backbone(self.method.backbone, self.splits, config.eval, self.device,
+                                                 split="val"))
+            past_grace = epoch + 1 > config.eval.collapse_grace_epochs
+            if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
+                status = Status.COLLAPSED
+            elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
+                metrics.update(evaluate_backbone(self.method.backbone, self.splits, config.eval, self.device,
+                                                 split="test"))
+        # .value: plain text in the metrics (and so in checkpoints, which load with weights_only=True)
+        metrics["status"] = (Status.RUNNING if status == Status.FINISHED and epoch + 1 < config.optim.epochs
+                             else status).value
+        return metrics, status
+
+    def fit(self) -> RunOutcome:
+        """Train the remaining epochs; after each, report its metrics and (rank 0) its checkpoint."""
+        status, last_checkpoint = Status.FINISHED, None
+        for epoch in range(self.state.epoch, self.config.optim.epochs):
+            metrics, status = self.epoch_outcome(epoch, *self.train_one_epoch(epoch))
+            self.state.history.append(metrics)
+            self.state.epoch = epoch + 1
+            if status != Status.DIVERGED and self.context.checkpoint_dir is not None and self.context.is_main:
+                last_checkpoint = save_checkpoint(self.state.state_dict(self.config, self.context.world_size),
+                                                  self.context.checkpoint_dir, epoch + 1)
+            self.report(metrics, last_checkpoint if self.context.is_main else None)
+            if status != Status.FINISHED:
+                break
+        return RunOutcome(status, self.state.history, self.state.restarts, last_checkpoint, self.method)
 
 
 def train_loop(
@@ -133,154 +347,7 @@ def train_loop(
     checkpoint: str | Path | dict[str, Any] | None = None,
     splits: DatasetSplits | None = None,
     streamed: Iterable[dict[str, Any]] | None = None,
-) -> TrainResult:
-    """Train ``config.method`` for ``config.optim.epochs`` epochs; report metrics and a checkpoint each epoch.
-
-    ``checkpoint`` (a directory or a loaded state) resumes a run where it stopped: the
-    same weights, optimizer, schedule, RNG and data order, so 2 + 2 epochs equal 4.
-    ``streamed`` (with ``data.streaming``) is this worker's share of the SSL-train rows from Ray Data.
-    """
-    context = context or WorkerContext()
-    device = context.device
-    splits = splits or load_splits(config.data)
-    images = _training_images(config, splits, streamed, context)
-    check_batch_fits(config, len(images))
-
-    method = build_model(config).to(device)
-    if config.scaling.sync_batchnorm and context.world_size > 1:
-        if device.type != "cuda":  # torch's SyncBatchNorm raises on CPU tensors at the first step
-            raise ConfigError(f"scaling.sync_batchnorm=true needs GPU workers, but this worker runs on {device}; "
-                              "set scaling.use_gpu=true on a GPU cluster, or scaling.sync_batchnorm=false")
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    if config.optim.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-
-    sampler = GlobalBatchSampler(len(images), config.optim.batch_size, context.rank, context.world_size, config.seed)
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * config.optim.epochs
-    optimizer = build_optimizer(method, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch)
-
-    start_epoch, history, restarts = 0, [], 0
-    if checkpoint is not None:
-        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        restarts = state["restarts"] + 1
-        note = method.on_resume(context.world_size, state.get("world_size", 1))
-        if note and context.is_main:
-            logger.warning(note)
-        set_rng_state(state["rng"])
-        if context.rank > 0:  # only rank 0's RNG is saved: give the others their own stream again
-            _seed_everything(config.seed + 1_000 * context.rank + 1_000_000 * start_epoch)
-    else:
-        _seed_everything(config.seed + 1_000 * context.rank)
-
-    model: nn.Module = method
-    if context.world_size > 1 and dist.is_initialized():
-        # broadcast_buffers=False: the SwAV queue holds each worker's own features. Its successor
-        # (forward_sync_buffers) would still sync buffers at init, hence the silenced deprecation.
-        device_ids = [device.index] if device.type == "cuda" else None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-            model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
-
-    recipes = view_recipes(config)
-    if isinstance(images, torch.Tensor):
-        loader = DataLoader(
-            MultiViewDataset(images, recipes),
-            batch_sampler=sampler,
-            num_workers=config.data.loader_workers,
-            persistent_workers=config.data.loader_workers > 0,
-        )
-    weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
-    use_bf16 = device.type == "cuda" and config.optim.mixed_precision
-    memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
-
-    status, last_checkpoint = FINISHED, None
-    for epoch in range(start_epoch, config.optim.epochs):
-        method.train()
-        sampler.set_epoch(epoch)
-        if isinstance(images, ShardedImages):
-            loader = _epoch_loader(images.epoch_images(epoch, config.optim.batch_size, config.seed),
-                                   recipes, sampler, config)
-        started = time.perf_counter()
-        loss_sum, embeddings, extras = 0.0, None, {}
-        steps = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{config.optim.epochs}", leave=False,
-            disable=not (context.show_progress and context.is_main),
-        )
-        for step_in_epoch, views in enumerate(steps):
-            step = epoch * steps_per_epoch + step_in_epoch
-            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, embeddings = model(views, step, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            method.before_optimizer_step(step)
-            optimizer.step()
-            scheduler.step()
-            extras = method.after_optimizer_step(step, total_steps)
-            loss_sum += loss.item()
-            steps.set_postfix(loss=f"{loss.item():.3f}")
-        train_seconds = time.perf_counter() - started
-
-        mean_loss = _mean_over_workers(loss_sum / steps_per_epoch, context)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": mean_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": steps_per_epoch * config.optim.batch_size / train_seconds,
-            "workers": context.world_size,
-            "restarts": restarts,
-            **extras,
-        }
-        if isinstance(images, ShardedImages):
-            metrics["streamed_rows_held"] = len(images.images)  # this worker's share of the streamed rows
-        if not math.isfinite(mean_loss):
-            status = DIVERGED
-        if status != DIVERGED:
-            metrics["embedding_std"] = _mean_over_workers(embedding_std(embeddings.float()), context)
-            last_epoch = epoch + 1 == config.optim.epochs
-            if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
-                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="val"))
-            past_grace = epoch + 1 > config.eval.collapse_grace_epochs
-            if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
-                status = COLLAPSED
-            elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
-                metrics.update(evaluate_backbone(method.backbone, splits, config.eval, device, split="test"))
-        metrics["status"] = RUNNING if status == FINISHED and epoch + 1 < config.optim.epochs else status
-        history.append(metrics)
-
-        if status != DIVERGED and context.checkpoint_dir is not None:
-            if context.is_main:
-                last_checkpoint = save_checkpoint(
-                    {
-                        "method": method.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": history,
-                        "restarts": restarts,
-                        "world_size": context.world_size,
-                        "rng": rng_state(),
-                        "config": config.to_dict(),
-                    },
-                    context.checkpoint_dir,
-                    epoch + 1,
-                )
-        report(metrics, last_checkpoint if context.is_main else None)
-        if status != FINISHED:
-            break
-
-    return TrainResult(
-        status=status,
-        epochs_completed=len(history) - (status == DIVERGED),
-        history=history,
-        checkpoint=last_checkpoint,
-        restarts=restarts,
-        method=method,
-    )
-
+) -> RunOutcome:
+    """Train ``config.method`` for ``config.optim.epochs`` epochs; report metrics and a checkpoint each epoch
+    (see :class:`Trainer`)."""
+    return Trainer(config, report, context, checkpoint, splits, streamed).fit()

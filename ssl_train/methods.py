@@ -1,20 +1,57 @@
-"""The SSL methods by name (``config.method``): the one place the train loop looks them up."""
+"""The method contract, and the methods by name (``config.method``): the one place the train loop looks them up.
+
+A method is a small ``nn.Module`` around a backbone (BYOL: online and target networks, predictor;
+SwAV: projection head, prototypes, queue) plus pure loss and target functions in its own module.
+The train loop knows it only through :class:`SSLMethod`, as solo-learn's base methods and lightly's
+modules keep the step generic.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
+import torch
 from torch import nn
 
-from ssl_train.byol import BYOL
 from ssl_train.config import ConfigError, TrainConfig
-from ssl_train.swav import SwAV
-
-METHODS: dict[str, type[nn.Module]] = {"byol": BYOL, "swav": SwAV}
 
 
-def build_method(backbone: nn.Module, config: TrainConfig) -> nn.Module:
+class SSLMethod(nn.Module, ABC):
+    """What the train loop calls, once per step, in this order::
+
+        loss, embeddings = method(views, step, epoch)   # forward: the loss of a batch of views
+        loss.backward(); method.before_optimizer_step(step)
+        optimizer.step(); extras = method.after_optimizer_step(step, total_steps)   # EMA, projections
+
+    ``backbone`` is the encoder f that evaluation and export use.
+    """
+
+    backbone: nn.Module
+
+    @abstractmethod
+    def forward(self, views: list[torch.Tensor], step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one batch of views at global ``step``, and embeddings for the collapse monitor."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After the backward pass, before the optimiser step (SwAV drops frozen prototypes' gradient)."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """After the optimiser step (BYOL's EMA, SwAV's renormalisation); returns metrics to report."""
+        return {}
+
+    def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
+        """After a checkpoint is loaded into a group of ``world_size`` workers; returns a note for the log."""
+        return None
+
+
+def build_method(backbone: nn.Module, config: TrainConfig) -> SSLMethod:
     """``config.method`` (BYOL or SwAV) around ``backbone``, which must have a ``feature_dim`` attribute."""
-    if config.method not in METHODS:
-        raise ConfigError(f"method={config.method!r} is not known; choose one of {sorted(METHODS)}")
+    from ssl_train.byol import BYOL  # here, not at the top: the methods import SSLMethod from this module
+    from ssl_train.swav import SwAV
+
+    methods: dict[str, type[SSLMethod]] = {"byol": BYOL, "swav": SwAV}
+    if config.method not in methods:
+        raise ConfigError(f"method={config.method!r} is not known; choose one of {sorted(methods)}")
     if not hasattr(backbone, "feature_dim"):
         raise TypeError(f"backbone {type(backbone).__name__} needs a 'feature_dim' attribute (its output width)")
-    return METHODS[config.method](backbone, config)
+    return methods[config.method](backbone, config)

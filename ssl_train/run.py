@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,10 @@ from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits
 from ssl_train.embedding import EmbeddingModel
-from ssl_train.loop import FINISHED, WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.loop import RunOutcome, WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.status import Status
 
 BACKBONE_FILE = "backbone.pt"
-
-
-@dataclass
-class RunSummary:
-    """What a finished (or diverged) run leaves behind."""
-
-    status: str
-    output_dir: Path
-    history: list[dict[str, Any]]
-    checkpoint: Path | None
-    backbone_path: Path | None
-    restarts: int
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
 
 
 def export_backbone(checkpoint: str | Path, config: TrainConfig, destination: str | Path) -> Path:
@@ -86,7 +70,7 @@ def train(
     show_progress: bool = False,
     address: str | None = None,
     splits: DatasetSplits | None = None,
-) -> RunSummary:
+) -> RunOutcome:
     """Train one model with one config; ``resume`` continues from the run directory's last checkpoint.
 
     ``splits`` (already loaded data) saves loading it again for an in-process run.
@@ -111,15 +95,13 @@ def train(
     if config.scaling.max_workers > 1 or address is not None:
         from ssl_train.distributed import fit
 
-        status, history, checkpoint, restarts = fit(config, record, resume_from=start_from, address=address)
+        outcome = fit(config, record, resume_from=start_from, address=address)
     else:
         context = WorkerContext(
             device=in_process_device(config), checkpoint_dir=checkpoint_dir, show_progress=show_progress
         )
-        result = train_loop(config, record, context, checkpoint=start_from, splits=splits)
-        status, history, checkpoint, restarts = result.status, result.history, result.checkpoint, result.restarts
-
-    backbone_path = None
-    if status == FINISHED and checkpoint is not None:
-        backbone_path = export_backbone(checkpoint, config, output_dir / BACKBONE_FILE)
-    return RunSummary(status, output_dir, history, checkpoint, backbone_path, restarts)
+        outcome = train_loop(config, record, context, checkpoint=start_from, splits=splits)
+    outcome.output_dir = output_dir
+    if outcome.status == Status.FINISHED and outcome.checkpoint is not None:
+        outcome.backbone_path = export_backbone(outcome.checkpoint, config, output_dir / BACKBONE_FILE)
+    return outcome

@@ -97,7 +97,7 @@ class ShardedImages:
     def from_batches(
         cls, batches: Iterable[dict[str, np.ndarray]], image_size: int, rank: int, world_size: int
     ) -> ShardedImages:
-        """Collect this worker's streamed rows (``index``, ``image``, ``error``: see ``data.decode_row_group``)."""
+        """Collect this worker's streamed rows (``index``, ``image``, ``error``: see ``streaming.decode_row_group``)."""
         rows = [np.zeros(0, np.int64)]
         images = [torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)]
         errors: list[str] = []

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray.data
 import ray.train
 
 from ssl_train.config import DataConfig
-from ssl_train.data import decode_row_group, parquet_row_groups
+from ssl_train.data.decode import _decode_all
+from ssl_train.data.sets import DataError
+from ssl_train.data.sources import _expand, _filesystem, _parquet_columns, _parquet_files_or_error, _row_names
 
 SSL_DATASET = "ssl_train"
 STREAMING_CPUS = 1.0  # a decode task's CPU (Ray Data's default), on top of the train workers' CPUs
@@ -57,3 +61,48 @@ class EveryRowOnce(ray.train.DataConfig):
                                                                  locality_hints=worker_node_ids)):
                 shards[rank][name] = shard
         return shards
+
+
+# ---------------------------------------------------------------- the pieces Ray Data tasks run
+
+
+def parquet_row_groups(path: str | Path) -> list[dict[str, Any]]:
+    """The row groups of the parquet file(s) at ``path`` (metadata only, nothing decoded).
+
+    Each piece names its ``file``, ``row_group``, ``file_row`` (first row in the file) and
+    ``first_row``: its first row's number over all files, in the in-memory order (files sorted,
+    rows in file order), so row ``i`` streamed is row ``i`` loaded in memory.
+    """
+    pieces: list[dict[str, Any]] = []
+    first_row = 0
+    for file in _parquet_files_or_error(_expand(str(path)), "data.path"):
+        _parquet_columns(file)
+        fs, inner = _filesystem(file, "data.path")
+        metadata = pq.ParquetFile(inner, filesystem=fs).metadata
+        file_row = 0
+        for group in range(metadata.num_row_groups):
+            pieces.append({"file": str(file), "row_group": group, "file_row": file_row, "first_row": first_row})
+            rows = metadata.row_group(group).num_rows
+            file_row, first_row = file_row + rows, first_row + rows
+    if not first_row:
+        raise DataError(f"data.path='{path}' has no rows; it holds no images")
+    return pieces
+
+
+def decode_row_group(piece: dict[str, Any], image_size: int) -> dict[str, np.ndarray]:
+    """One piece of :func:`parquet_row_groups` decoded: ``index`` (row numbers), ``image`` (uint8
+    ``[n, 3, S, S]``, zeros where unreadable) and ``error`` ("" when decoded, else the row's name and why)."""
+    file = piece["file"]
+    columns = [column for column in _parquet_columns(file) if column != "label"]
+    fs, inner = _filesystem(file, "data.path")
+    table = pq.ParquetFile(inner, filesystem=fs).read_row_group(int(piece["row_group"]), columns=columns)
+    names = _row_names(file, table, int(piece["file_row"]))
+    images = np.zeros((table.num_rows, 3, image_size, image_size), dtype=np.uint8)
+    errors = np.full(table.num_rows, "", dtype=object)
+    for i, result in enumerate(_decode_all(table.column("image").to_pylist(), image_size)):
+        if isinstance(result, str):
+            errors[i] = f"{names[i]}: {result}"
+        else:
+            images[i] = result.numpy()
+    first = int(piece["first_row"])
+    return {"index": np.arange(first, first + table.num_rows, dtype=np.int64), "image": images, "error": errors}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_train.config import TrainConfig
-from ssl_train.heads import mlp
+from ssl_train.heads import Prototypes, mlp
+from ssl_train.methods import SSLMethod
 
 NUM_GLOBAL_CROPS = 2
 
@@ -86,7 +87,7 @@ def swav_loss(
     return loss / len(codes_per_global_view)
 
 
-class SwAV(nn.Module):
+class SwAV(SSLMethod):
     """Backbone, projection head, unit-norm prototypes and an optional feature queue (persistent buffer)."""
 
     def __init__(self, backbone: nn.Module, config: TrainConfig) -> None:
@@ -94,15 +95,10 @@ class SwAV(nn.Module):
         self.cfg = config.swav
         self.backbone = backbone
         self.projector = mlp(backbone.feature_dim, self.cfg.projector_hidden_dim, self.cfg.projector_out_dim)
-        self.prototypes = nn.Linear(self.cfg.projector_out_dim, self.cfg.num_prototypes, bias=False)
-        self.normalize_prototypes()
+        self.prototypes = Prototypes(self.cfg.projector_out_dim, self.cfg.num_prototypes,
+                                     self.cfg.freeze_prototypes_steps)
         # Each worker keeps its own features (the official code: one queue per rank).
         self.register_buffer("queue", torch.zeros(NUM_GLOBAL_CROPS, self.cfg.queue_length, self.cfg.projector_out_dim))
-
-    @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        weight = self.prototypes.weight
-        weight.copy_(F.normalize(weight, dim=1))
 
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
         """L2-normalised projections z of all crops, concatenated in view order.
@@ -126,9 +122,6 @@ class SwAV(nn.Module):
         z_global = z.split(sizes)[:NUM_GLOBAL_CROPS]
         codes = self.assign_codes(list(scores[:NUM_GLOBAL_CROPS]), list(z_global), epoch)
         return swav_loss(list(scores), codes, self.cfg.temperature), z_global[0].detach().float()
-
-    def training_loss(self, views: list[torch.Tensor], step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(views, step, epoch)
 
     def _local_queue_length(self) -> int:
         """This worker's share of ``swav.queue_length``, so the global queue does not grow with the workers."""
@@ -171,10 +164,9 @@ class SwAV(nn.Module):
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the prototypes' gradient while ``step < swav.freeze_prototypes_steps`` (paper: first epoch)."""
-        if step < self.cfg.freeze_prototypes_steps:
-            self.prototypes.weight.grad = None
+        self.prototypes.drop_grad_while_frozen(step)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """Project the prototypes back onto the unit sphere."""
-        self.normalize_prototypes()
+        self.prototypes.normalize_()
         return {}

@@ -87,7 +87,7 @@ class MlflowServer:
             self.process = subprocess.Popen(  # its own process group: stop() ends the server's workers too
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
             )
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a liveness wait: MLflow's start-up is slow on a loaded 2-core machine
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
@@ -101,7 +101,11 @@ class MlflowServer:
     def stop(self) -> None:
         if self.process is not None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a loaded machine: end the server's process group for good
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=60)
             self.process = None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_train.cli import main
+from tuning.cli import main
 
 SPACE_HEAD = "description: a broken space\n"
 BAD_SPACES = {  # file text -> what the one-line message must name
@@ -25,7 +25,7 @@ BAD_SPACES = {  # file text -> what the one-line message must name
 
 
 def ssl_tune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ssl_train.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "tuning.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 

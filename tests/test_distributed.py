@@ -24,14 +24,15 @@ from ray.util.state import list_actors
 from test_loop import TINY
 
 from ssl_train.checkpoint import load_checkpoint
-from ssl_train.cli import main
 from ssl_train.config import ConfigError, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity
-from ssl_train.loop import FINISHED, WorkerContext, build_model, train_loop
+from ssl_train.loop import WorkerContext, build_model, train_loop
 from ssl_train.run import train
 from ssl_train.sharding import GlobalBatchSampler, local_batch_sizes
+from ssl_train.status import Status
 from ssl_train.swav import sinkhorn
+from tuning.cli import main
 
 EPSILON, ITERATIONS = 0.05, 3
 SAMPLES, GLOBAL_BATCH, EPOCH = 100, 10, 2
@@ -67,7 +68,7 @@ def two_worker_run(ray_cluster, tmp_path_factory):
 
 def test_two_worker_run_finishes_and_writes_outputs(two_worker_run):
     summary, live, tmp_path = two_worker_run
-    assert summary.status == FINISHED and summary.restarts == 0
+    assert summary.status == Status.FINISHED and summary.restarts == 0
     assert [m["epoch"] for m in summary.history] == [1, 2, 3] == [m["epoch"] for m in live]
     assert all(m["workers"] == 2 for m in summary.history)
     knn = [m["val_knn_acc"] for m in summary.history]
@@ -243,7 +244,7 @@ def test_elastic_run_grows_then_shrinks_and_finishes(ray_cluster, tmp_path, monk
         ray_cluster.remove_node(node)
     summary = _finish(thread, outcome)
 
-    assert summary.status == FINISHED
+    assert summary.status == Status.FINISHED
     history = summary.history
     assert [m["epoch"] for m in history] == list(range(1, epochs_total + 1))  # every epoch once, none lost
     workers = [m["workers"] for m in history]
@@ -279,7 +280,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     os.kill(pids[1], signal.SIGKILL)  # mid-epoch 4, as a crashed or OOM-killed process
     summary = _finish(thread, outcome)
 
-    assert summary.status == FINISHED and summary.restarts >= 1
+    assert summary.status == Status.FINISHED and summary.restarts >= 1
     history = summary.history
     assert [m["epoch"] for m in history] == list(range(1, epochs_total + 1))
     before_kill = [m["epoch"] for m in history if m["restarts"] == 0]
@@ -295,7 +296,7 @@ def test_two_workers_streaming_parquet_follow_the_in_memory_run(two_worker_run, 
     streamed = train(load_config(overrides=[*TWO_WORKERS, *parquet_overrides(digits_parquet, True),
                                             f"output_dir={tmp_path}"]))
     in_memory = two_worker_run[0]
-    assert streamed.status == FINISHED and all(m["workers"] == 2 for m in streamed.history)
+    assert streamed.status == Status.FINISHED and all(m["workers"] == 2 for m in streamed.history)
     keys = ("epoch", "loss", "val_knn_acc", "embedding_std")
     assert [[m[k] for k in keys] for m in streamed.history] == [[m[k] for k in keys] for m in in_memory.history]
     assert 0 < streamed.history[0]["streamed_rows_held"] < 1005  # rank 0 holds its share, not the whole file

@@ -10,7 +10,8 @@ import pytest
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
 from ssl_train.evaluate import evaluate_backbone
-from ssl_train.loop import FINISHED, build_model, train_loop
+from ssl_train.loop import build_model, train_loop
+from ssl_train.status import Status
 
 EPOCHS = {"byol": 10, "swav": 20}  # swav: the default schedule; a shortened one learns slower
 
@@ -26,7 +27,7 @@ def test_default_training_raises_knn_accuracy_without_collapse(digits, method):
     random_init = evaluate_backbone(build_model(config).backbone, digits, config.eval)["val_knn_acc"]
     result = train_loop(config, lambda metrics, checkpoint: None, splits=digits)
 
-    assert result.status == FINISHED
+    assert result.status == Status.FINISHED
     knn = [epoch["val_knn_acc"] for epoch in result.history]
     assert knn[-1] > random_init + 0.02 and knn[-1] > knn[0] + 0.02, (random_init, knn)
     assert min(epoch["embedding_std"] for epoch in result.history) > 0.5  # collapsed reads ~0, spread ~1

@@ -8,11 +8,12 @@ from mlflow.tracking import MlflowClient
 
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
-from ssl_train.cli import main
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
-from ssl_train.loop import COLLAPSED, DIVERGED, FINISHED, WorkerContext, train_loop
+from ssl_train.loop import WorkerContext, train_loop
 from ssl_train.run import load_backbone, train
+from ssl_train.status import Status
+from tuning.cli import main
 
 TINY = [
     "data.image_size=8", "optim.batch_size=128", "eval.knn_k=20", "backbone.width=8",
@@ -61,8 +62,8 @@ def test_non_finite_loss_stops_as_diverged(digits8):
                                     "optim.epochs=5"])
     reports = []
     result = train_loop(config, lambda m, c: reports.append((m, c)), splits=digits8)
-    assert result.status == DIVERGED
-    assert reports[-1][0]["status"] == DIVERGED and reports[-1][1] is None  # no checkpoint of NaN weights
+    assert result.status == Status.DIVERGED
+    assert reports[-1][0]["status"] == Status.DIVERGED and reports[-1][1] is None  # no checkpoint of NaN weights
     assert len(reports) < 5
 
 
@@ -70,8 +71,8 @@ def test_collapse_monitor_stops_the_run(digits8):
     config = load_config(overrides=[*TINY, "optim.epochs=6", "eval.collapse_threshold=0.999",
                                     "eval.collapse_grace_epochs=1"])
     result = train_loop(config, lambda m, c: None, splits=digits8)
-    assert result.status == COLLAPSED
-    assert [m["status"] for m in result.history] == ["running", COLLAPSED]
+    assert result.status == Status.COLLAPSED
+    assert [m["status"] for m in result.history] == ["running", Status.COLLAPSED]
     assert result.history[-1]["embedding_std"] < 0.999
 
 
@@ -91,7 +92,7 @@ def test_cli_train_writes_loadable_outputs_and_one_mlflow_run(tmp_path, capsys):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_knn_acc")] == [2]  # test: once, at the end
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "backbone.pt"}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["status"] == FINISHED
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["status"] == Status.FINISHED
     # Two lines for a user: build the architecture, load the plain state_dict.
     config = load_config(out / "config.yaml")
     backbone = build_backbone(config.backbone)

@@ -11,12 +11,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_loop import TINY
 
-from ssl_train.cli import main
 from ssl_train.config import load_config
 from ssl_train.data import load_images
 from ssl_train.embedding import EmbeddingModel
 from ssl_train.evaluate import extract_features
 from ssl_train.run import load_backbone, load_embedding_model
+from tuning.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -38,3 +38,12 @@ def test_every_imported_distribution_is_declared():
             missing[module] = sorted(distributions)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
     assert {"numpy", "requests", "scipy"} <= declared
+
+
+def test_ssl_train_imports_nothing_from_tuning():
+    """The trainer is usable without the sweep layer; the command line (tuning/cli.py) may import both."""
+    for file in (ROOT / "ssl_train").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] == "tuning"], f"{file.name} imports {names}"

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ssl_train.config import TrainConfig
+from ssl_train.loop import train_step
 from ssl_train.methods import build_method
 from ssl_train.swav import SwAV, sinkhorn, swav_loss
 
@@ -237,12 +238,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9)
         prototypes = []
         for step in range(3):
-            loss, _ = model(crops(batch=4, local=2, seed=10 * step + rank), step, 0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(step)
-            optimizer.step()
-            method.after_optimizer_step(step, 3)
+            train_step(model, method, optimizer, None, crops(batch=4, local=2, seed=10 * step + rank), step, 0, 3)
             prototypes.append(method.prototypes.weight.detach().clone())
         torch.save({"codes": codes, "prototypes": prototypes, "queue": method.queue}, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ssl_train.cli import main
 from ssl_train.config import ConfigError, load_config
+from tuning.cli import main
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep
 from tuning.tracking import CANDIDATE_TAG, REASON_TAG, STAGE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
@@ -230,11 +230,11 @@ def _accepts(host: str, port: int) -> bool:
 
 def test_ui_binds_to_loopback_by_default(tmp_path, free_port):
     port = free_port
-    command = [sys.executable, "-m", "ssl_train.cli", "ui", "--port", str(port), "--tracking-uri",
+    command = [sys.executable, "-m", "tuning.cli", "ui", "--port", str(port), "--tracking-uri",
                f"sqlite:///{tmp_path / 'mlflow.db'}"]
     ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_until(lambda: _accepts("127.0.0.1", port) or ui.poll() is not None, "the MLflow UI listens", 120)
+        _wait_until(lambda: _accepts("127.0.0.1", port) or ui.poll() is not None, "the MLflow UI listens", 300)
         assert _accepts("127.0.0.1", port)
         outside = _non_loopback_address()
         if outside is not None:
@@ -268,7 +268,7 @@ def test_time_budget_ends_the_sweep_with_a_report(ray_cluster, tmp_path, space_f
 def _sweep_command(tmp_path: Path, address: str, *extra: str) -> list[str]:
     overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=2"]), [])
     return [
-        sys.executable, "-m", "ssl_train.cli", "tune", "--trials", "4", "--concurrency", "1", "--min-epochs", "2",
+        sys.executable, "-m", "tuning.cli", "tune", "--trials", "4", "--concurrency", "1", "--min-epochs", "2",
         "--storage", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--experiment", "ssl-tune-test", "--address", address, "--no-confirm", *overrides, *extra,
     ]
@@ -370,7 +370,7 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable
     server = restartable_mlflow_server
     overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=8"]), [])
     command = [
-        sys.executable, "-m", "ssl_train.cli", "tune", "--trials", "2", "--concurrency", "1", "--searcher", "random",
+        sys.executable, "-m", "tuning.cli", "tune", "--trials", "2", "--concurrency", "1", "--searcher", "random",
         "--scheduler", "none", "--storage", str(tmp_path / "sweeps"), "--tracking-uri", server.url, "--experiment",
         "ssl-tune-test", "--address", ray_cluster.address, "--name", "outage", "--no-confirm", *overrides,
     ]

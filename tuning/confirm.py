@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ssl_train.status import Status
+
 DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
 
@@ -32,7 +34,7 @@ def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[st
     not counted among the K, so there are always K + 1 configs when the search finished K others.
     """
     chosen: dict[str, dict[str, Any]] = {DEFAULT_CANDIDATE: dict(space.fixed)}
-    finished = table[(table["status"] == "finished") & ~table["is_default"]]
+    finished = table[(table["status"] == Status.FINISHED) & ~table["is_default"]]
     for _, row in finished.head(top_k).iterrows():
         searched = {key: _native(row[key]) for key in space.searched_keys() if key in row and _present(row[key])}
         chosen[f"trial_{row['trial']}"] = {**space.fixed, **searched}
@@ -104,7 +106,7 @@ class Confirmation:
 
     def summary(self) -> pd.DataFrame:
         """Per config: mean and std of val and test over its seeds, best mean val first."""
-        finished = self.runs[self.runs["status"] == "finished"]
+        finished = self.runs[self.runs["status"] == Status.FINISHED]
         grouped = finished.groupby("candidate").agg(
             seeds=("seed", "count"), val_mean=("val", "mean"), val_std=("val", "std"),
             test_mean=("test", "mean"), test_std=("test", "std"),
@@ -117,7 +119,7 @@ class Confirmation:
         return str(self.summary().iloc[0]["candidate"])
 
     def test_scores(self, candidate: str) -> list[float]:
-        rows = self.runs[(self.runs["candidate"] == candidate) & (self.runs["status"] == "finished")]
+        rows = self.runs[(self.runs["candidate"] == candidate) & (self.runs["status"] == Status.FINISHED)]
         return rows["test"].tolist()
 
     def margin(self) -> Margin:

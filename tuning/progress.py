@@ -19,6 +19,7 @@ from typing import Any
 from ray.tune import ProgressReporter
 from ray.tune.experiment import Trial
 
+from ssl_train.status import Status
 from tuning.tracking import trial_outcome
 
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
@@ -51,7 +52,7 @@ class CompactReporter(ProgressReporter):
     def report(self, trials: list[Trial], done: bool, *sys_info: Any) -> None:
         for trial in self.pending:
             self.reported.add(trial.trial_id)
-            status = "failed" if trial.status == Trial.ERROR else trial_outcome(trial.last_result or {}, None)[0]
+            status = Status.FAILED if trial.status == Trial.ERROR else trial_outcome(trial.last_result or {}, None)[0]
             best = best_value(trial, self.metric)
             epochs = (trial.last_result or {}).get("epoch", 0)
             value = f"{best:.4f}" if best is not None else "-"

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
+from ssl_train.status import Status  # noqa: E402
 from tuning.confirm import Confirmation  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
@@ -94,7 +95,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
             OBJECTIVE: run.data.metrics.get(OBJECTIVE, 0.0),
             "val_knn_acc": run.data.metrics.get("val_knn_acc"),
             "epochs": int(run.data.metrics.get("epoch", 0)),
-            "status": run.data.tags.get(STATUS_TAG, "running"),
+            "status": run.data.tags.get(STATUS_TAG, Status.RUNNING),
             "reason": run.data.tags.get(REASON_TAG, ""),
             "is_default": run.data.tags.get(DEFAULT_TAG) == "true",
             **{key: flat[key] for key in space.searched_keys() if key in flat},
@@ -141,7 +142,7 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
             "seed": config.seed,
             "val": run.data.metrics.get(f"val_{objective}"),
             "test": run.data.metrics.get(f"test_{objective}"),
-            "status": run.data.tags.get(STATUS_TAG, "running"),
+            "status": run.data.tags.get(STATUS_TAG, Status.RUNNING),
             "trial": run.data.tags[TRIAL_TAG],
             "run_id": run.info.run_id,
         })

@@ -41,6 +41,7 @@ from ssl_train.augment import save_preview
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
+from ssl_train.status import Status
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, Margin, candidates, confirmation_grid
 from tuning.progress import CompactReporter, log_to_file
 from tuning.tracking import (
@@ -101,20 +102,11 @@ class SweepSettings:
 
 
 def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
-    """The base config's value of every searched key, as Optuna labels (the first trial)."""
+    """The base config's value of every searched key, as Optuna stores it (the first trial); a key whose
+    default the space cannot take is left for Optuna to sample."""
     flat = base.flat()
-    point: dict[str, Any] = {}
-    for param in space.params:
-        value = flat[param.path]
-        if param.kind == "choice":
-            labels = param.choice_labels()
-            label = value if value in labels else json.dumps(value)
-            if label not in labels:
-                continue  # the default is not among the choices: Optuna samples this one
-            point[param.path] = label
-        elif param.low <= value <= param.high:
-            point[param.path] = value
-    return point
+    point = {param.path: param.optuna_value(flat[param.path]) for param in space.params}
+    return {key: value for key, value in point.items() if value is not None}
 
 
 class TruthfulOptunaSearch(OptunaSearch):
@@ -143,7 +135,7 @@ class TruthfulOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         if error:
-            status, reason = "failed", "the trial raised an error"
+            status, reason = Status.FAILED, "the trial raised an error"
         else:
             status, reason = trial_outcome(result or {}, self.time_limit_s)
         # After a hard crash the study (sqlite, written at once) can be ahead of this searcher's pickled
@@ -155,7 +147,7 @@ class TruthfulOptunaSearch(OptunaSearch):
                     ot_trial.report(float(result[self.metric]), int(result["training_iteration"]))
             ot_trial.set_user_attr("ssl_tune_status", status)
             ot_trial.set_user_attr("ssl_tune_reason", reason)
-            if status == "finished":
+            if status == Status.FINISHED:
                 self._ot_study.tell(ot_trial, float(result[self.metric]), state=TrialState.COMPLETE)
             else:
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
@@ -589,7 +581,7 @@ def finish_sweep(
         winner = report.configs[report.best["run_id"]]
         artifacts = []
         weights = _checkpoints(search)
-        keep = report.table[report.table["status"] == "finished"].head(settings.keep_best)
+        keep = report.table[report.table["status"] == Status.FINISHED].head(settings.keep_best)
         scores = {"sweep": settings.name, "stage": "search",
                   f"val_{settings.objective}": f"{float(report.best[OBJECTIVE]):.4f}"}
     # A re-run of the winner writes to a run directory of its own (not into the sweep) and reports test.

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.logger import LoggerCallback
+
+from ssl_train.status import Status
 
 SWEEP_TAG = "ssl_tune.sweep"
 TRIAL_TAG = "ssl_tune.trial_id"
@@ -122,7 +125,8 @@ class RunTracker:
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """Close a run; ``status`` is ssl-tune's (finished, pruned, diverged, collapsed, failed)."""
         self.client.log_batch(run_id, tags=[RunTag(STATUS_TAG, status), RunTag(REASON_TAG, reason)])
-        mlflow_status = {"finished": "FINISHED", "pruned": "KILLED", "time_limit": "KILLED"}.get(status, "FAILED")
+        mlflow_status = {Status.FINISHED: "FINISHED", Status.PRUNED: "KILLED", Status.TIME_LIMIT: "KILLED"}.get(
+            status, "FAILED")
         self.client.set_terminated(run_id, status=mlflow_status)
 
 
@@ -151,7 +155,7 @@ class SweepTracker(RunTracker):
             self.client.update_run(existing, status="RUNNING")
             return existing, False
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id or "", SWEEP_TAG: self.sweep_name, TRIAL_TAG: trial_id,
-                STATUS_TAG: "running", **tags}
+                STATUS_TAG: Status.RUNNING, **tags}
         return self.create_run(run_name, params, tags), True
 
     def drop_runs_except(self, trial_ids: set[str], tune_experiment: str) -> list[str]:
@@ -171,10 +175,53 @@ class SweepTracker(RunTracker):
             print(f"ssl-tune: removed MLflow runs of {len(dropped)} trial(s) lost in the crash: {', '.join(dropped)}")
         return dropped
 
-class MLflowSweepCallback(Callback):
+@dataclass
+class TrialStarted:
+    """A trial's child run: its full params, tags and artifact files."""
+
+    trial: str
+    params: dict[str, Any]
+    tags: dict[str, str]
+    artifacts: list[str]
+
+    def write(self, callback: MLflowSweepCallback) -> None:
+        callback.open_run(self.trial, self)
+
+
+@dataclass
+class EpochLogged:
+    """One epoch's metrics of a trial, at ``step`` (the epoch)."""
+
+    trial: str
+    metrics: dict[str, float]
+    step: int
+    timestamp_ms: int
+
+    def write(self, callback: MLflowSweepCallback) -> None:
+        callback.tracker.log_epoch(callback.open_run(self.trial), self.metrics, self.step, self.timestamp_ms)
+
+
+@dataclass
+class TrialEnded:
+    """How a trial ended: ssl-tune's status and the reason."""
+
+    trial: str
+    status: str
+    reason: str
+
+    def write(self, callback: MLflowSweepCallback) -> None:
+        callback.tracker.end_run(callback.open_run(self.trial), self.status, self.reason)
+
+
+Record = TrialStarted | EpochLogged | TrialEnded
+
+
+class MLflowSweepCallback(LoggerCallback):
     """Mirror a Tune sweep into MLflow from the driver: a child run per trial, metrics per epoch, final status.
 
-    Every write goes through a queue of plain records (``start``, ``epoch``, ``end``). When the
+    Ray Tune's ``LoggerCallback`` shape (``log_trial_start``, ``log_trial_result``, ``log_trial_end``).
+    Every write goes through an outbox of typed records (:class:`TrialStarted`, :class:`EpochLogged`,
+    :class:`TrialEnded`). When the
     tracking server goes away, trials keep training, the failure is printed once per trial, and
     the queue is retried every ``retry_s`` seconds and at the sweep's end; it is saved with Tune's
     experiment state (``get_state``), so a sweep that stops first logs it on ``--resume``. The
@@ -209,7 +256,7 @@ class MLflowSweepCallback(Callback):
         self.tracker: SweepTracker | None = None
         self.runs: dict[str, str] = {}
         self.reconciled = False
-        self.pending: list[dict[str, Any]] = []  # records not yet in MLflow, oldest first
+        self.pending: list[Record] = []  # the outbox: records not yet in MLflow, oldest first
         self.unreachable_since: float | None = None
         self.warned: set[str] = set()
 
@@ -237,29 +284,25 @@ class MLflowSweepCallback(Callback):
             self.tracker.drop_runs_except({trial.trial_id for trial in trials}, self.tune_experiment)
         self._flush()
 
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if trial.trial_id not in self.runs and not any(r["trial"] == trial.trial_id for r in self.pending):
+    def log_trial_start(self, trial: Trial) -> None:
+        if trial.trial_id not in self.runs and not any(r.trial == trial.trial_id for r in self.pending):
             params, tags, artifacts = self.describe_trial(trial)
             tags = {STAGE_TAG: self.stage, TUNE_EXPERIMENT_TAG: self.tune_experiment, **tags}
-            self._write({"op": "start", "trial": trial.trial_id, "params": params, "tags": tags,
-                         "artifacts": [str(path) for path in artifacts]})
+            self._write(TrialStarted(trial.trial_id, params, tags, [str(path) for path in artifacts]))
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
-        self.on_trial_start(iteration, trials, trial)
+    def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
+        self.log_trial_start(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._write({"op": "epoch", "trial": trial.trial_id, "metrics": numeric_metrics(result), "step": step,
-                     "timestamp_ms": int(result.get("timestamp", 0) * 1000)})
+        self._write(EpochLogged(trial.trial_id, numeric_metrics(result), step, int(result.get("timestamp", 0) * 1000)))
 
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.on_trial_start(iteration, trials, trial)
-        status, reason = trial_outcome(trial.last_result or {}, self.trial_time_limit_s)
-        self._write({"op": "end", "trial": trial.trial_id, "status": status, "reason": reason})
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.on_trial_start(iteration, trials, trial)
-        error = getattr(trial, "error_file", None) or "see the trial's error.txt in the sweep directory"
-        self._write({"op": "end", "trial": trial.trial_id, "status": "failed",
-                     "reason": f"trial raised an error: {error}"})
+    def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
+        self.log_trial_start(trial)
+        if failed:
+            error = getattr(trial, "error_file", None) or "see the trial's error.txt in the sweep directory"
+            status, reason = Status.FAILED, f"trial raised an error: {error}"
+        else:
+            status, reason = trial_outcome(trial.last_result or {}, self.trial_time_limit_s)
+        self._write(TrialEnded(trial.trial_id, status, reason))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         deadline = time.monotonic() + self.final_wait_s
@@ -271,7 +314,7 @@ class MLflowSweepCallback(Callback):
                   f"is still unreachable. They are kept with the sweep's state; once the server is back, "
                   f"`ssl-tune tune --resume {self.sweep_name}` logs them.", flush=True)
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: Record) -> None:
         self.pending.append(record)
         self._flush()
 
@@ -285,7 +328,7 @@ class MLflowSweepCallback(Callback):
         while self.pending:
             record = self.pending[0]
             try:
-                self._log(record)
+                record.write(self)
             except TRACKING_FAILURES as error:
                 if not self._server_down():
                     raise  # the server answers: a real error (bad value, permissions), not an outage
@@ -307,38 +350,37 @@ class MLflowSweepCallback(Callback):
         """Say once per trial, not once per failed call, that its logging waits for the server."""
         self.unreachable_since = time.monotonic()
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        for trial_id in dict.fromkeys(r["trial"] for r in self.pending):
+        for trial_id in dict.fromkeys(r.trial for r in self.pending):
             if trial_id not in self.warned:
                 self.warned.add(trial_id)
                 print(f"ssl-tune: MLflow at {self.tracking_uri} unreachable ({first_line}); trial {trial_id} keeps "
                       f"training and its logging is queued, retried every {self.retry_s:.0f} s", flush=True)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        trial_id = record["trial"]
-        if record["op"] == "start" or trial_id not in self.runs:
-            start = record if record["op"] == "start" else {"params": {}, "tags": {}, "artifacts": []}
-            run_name = start["tags"].get(MLFLOW_RUN_NAME, f"trial-{trial_id}")
-            run_id, new = self.tracker.trial_run(trial_id, run_name, start["params"], start["tags"])
-            if new:
-                for path in start["artifacts"]:
-                    self.tracker.client.log_artifact(run_id, path)
-            self.runs[trial_id] = run_id
-        if record["op"] == "epoch":
-            self.tracker.log_epoch(self.runs[trial_id], record["metrics"], record["step"], record["timestamp_ms"])
-        elif record["op"] == "end":
-            self.tracker.end_run(self.runs[trial_id], record["status"], record["reason"])
+    def open_run(self, trial_id: str, start: TrialStarted | None = None) -> str:
+        """The trial's child run id, created (or found again) on its first record; a new run gets the artifacts."""
+        if trial_id in self.runs and start is None:
+            return self.runs[trial_id]
+        start = start or TrialStarted(trial_id, {}, {}, [])
+        run_name = start.tags.get(MLFLOW_RUN_NAME, f"trial-{trial_id}")
+        run_id, new = self.tracker.trial_run(trial_id, run_name, start.params, start.tags)
+        if new:
+            for path in start.artifacts:
+                self.tracker.client.log_artifact(run_id, path)
+        self.runs[trial_id] = run_id
+        return run_id
 
 
 def trial_outcome(last_result: dict[str, Any], time_limit_s: float | None) -> tuple[str, str]:
     """ssl-tune's status of a trial that ended, and why, from its last result."""
-    status = last_result.get("status", "running")
+    status = last_result.get("status", Status.RUNNING)
     epoch = last_result.get("epoch", 0)
-    if status == "finished":
-        return "finished", f"trained all {epoch} epochs"
-    if status == "diverged":
-        return "diverged", f"non-finite loss in epoch {epoch}"
-    if status == "collapsed":
-        return "collapsed", f"embedding std {last_result.get('embedding_std', 0):.3f} below threshold at epoch {epoch}"
+    if status == Status.FINISHED:
+        return Status.FINISHED, f"trained all {epoch} epochs"
+    if status == Status.DIVERGED:
+        return Status.DIVERGED, f"non-finite loss in epoch {epoch}"
+    if status == Status.COLLAPSED:
+        std = last_result.get("embedding_std", 0)
+        return Status.COLLAPSED, f"embedding std {std:.3f} below threshold at epoch {epoch}"
     if time_limit_s and last_result.get("time_total_s", 0) >= time_limit_s:
-        return "time_limit", f"stopped at the trial time limit of {time_limit_s:.0f} s after epoch {epoch}"
-    return "pruned", f"stopped early by ASHA after epoch {epoch}"
+        return Status.TIME_LIMIT, f"stopped at the trial time limit of {time_limit_s:.0f} s after epoch {epoch}"
+    return Status.PRUNED, f"stopped early by ASHA after epoch {epoch}"

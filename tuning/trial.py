@@ -24,7 +24,8 @@ from ray.tune import Checkpoint
 from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
 from ssl_train.distributed import build_trainer, checkpoint_state
-from ssl_train.loop import COLLAPSED, DIVERGED, WorkerContext, in_process_device, train_loop
+from ssl_train.loop import WorkerContext, in_process_device, train_loop
+from ssl_train.status import Status
 from tuning.confirm import CONFIRM_KEY
 from tuning.progress import quiet_worker_logs
 
@@ -47,7 +48,7 @@ def objective_value(metrics: dict[str, Any], objective: str, previous: float) ->
 
     ``objective`` names the accuracy (``knn_acc``, ``linear_acc``); the value is always the val split's.
     """
-    if metrics.get("status") in (DIVERGED, COLLAPSED):
+    if metrics.get("status") in (Status.DIVERGED, Status.COLLAPSED):
         return 0.0
     return float(metrics.get(f"val_{objective}", previous))
 

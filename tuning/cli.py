@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_train.config import ConfigError, TrainConfig, load_config, parse_override
+from ssl_train.status import Status
 
 DEMO_SWEEP_EPOCHS = 6  # the no-argument sweep: 12 trials on the digits default in under 10 minutes on 2 cores
 
@@ -97,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, resume=args.resume, on_epoch=on_epoch, show_progress=sys.stderr.isatty(),
                         address=args.address, splits=splits)
     except BaseException as error:
-        tracker.end_run(run_id, "failed", f"{type(error).__name__}: {error}"[:500])
+        tracker.end_run(run_id, Status.FAILED, f"{type(error).__name__}: {error}"[:500])
         raise
     for artifact in (summary.output_dir / "config.yaml", summary.backbone_path):
         if artifact is not None:
@@ -117,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"backbone weights: {summary.backbone_path}")
     if summary.checkpoint:
         print(f"full checkpoint:  {summary.checkpoint}")
-    return 0 if summary.status == "finished" else 1
+    return 0 if summary.status == Status.FINISHED else 1
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -262,7 +263,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+               "--port", str(args.port), "--workers", "1"]  # one local user: one worker starts in a fraction
     return subprocess.call(command)
 
 

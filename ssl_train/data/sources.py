@@ -1,0 +1,239 @@
+"""The sources: image folders and Parquet (paths or URIs), the embedded digits, torchvision datasets."""
+
+from __future__ import annotations
+
+import http.client
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+import torchvision.transforms.v2.functional as TF
+from sklearn.datasets import load_digits
+
+from ssl_train import uris
+from ssl_train.data.decode import ImageSource, _Records
+from ssl_train.data.sets import DataError, ImageSet
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, http.client.HTTPException)
+_RESIZE_CHUNK = 4096
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _folder_listing(path: Path, key: str) -> tuple[list[Path], np.ndarray, int]:
+    """Image files, labels (-1 = none) and class count of class sub-folders (classes in sorted order,
+    files sorted) or of a flat folder (unlabeled)."""
+    if not path.exists():
+        raise DataError(f"{key}='{path}' does not exist; give a folder of images")
+    if not path.is_dir():
+        raise DataError(f"{key}='{path}' is a file, not a folder; for a parquet file use data.source=parquet")
+    top = sorted(p for p in path.iterdir() if _is_image_file(p))
+    class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = {d.name: sorted(p for p in d.rglob("*") if _is_image_file(p)) for d in class_dirs}
+    classes = {name: files for name, files in classes.items() if files}
+    if top and classes:
+        raise DataError(
+            f"{key}='{path}' holds both images ({len(top)}) and class sub-folders ({sorted(classes)[:5]}); "
+            "use class sub-folders only (labeled), or a flat folder of unlabeled images plus data.labeled_path"
+        )
+    if not top and not classes:
+        raise DataError(
+            f"{key}='{path}' has no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
+        )
+    if top:
+        return top, np.full(len(top), -1, np.int64), 0
+    files = [p for class_files in classes.values() for p in class_files]
+    labels = np.concatenate([np.full(len(class_files), k, np.int64) for k, class_files in enumerate(classes.values())])
+    return files, labels, len(classes)
+
+
+def _folder_records(path: Path, key: str) -> _Records:
+    files, labels, num_classes = _folder_listing(path, key)
+    return _Records(list(files), [str(p) for p in files], labels, num_classes, str(path))
+
+
+def _parquet_files(location: str, key: str) -> tuple[list[str], bool]:
+    """The parquet files at ``location`` (a file, or a folder's ``*.parquet``; a path or URI) and whether
+    ``location`` exists at all."""
+    fs, path = _filesystem(location, key)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [location], True
+    if info.type != pafs.FileType.Directory:
+        return [], False
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(uris.child(location, e.path) for e in entries if e.is_file and e.path.endswith(".parquet")), True
+
+
+def _parquet_files_or_error(location: str, key: str) -> list[str]:
+    files, exists = _parquet_files(location, key)
+    if not files:
+        raise DataError(
+            f"{key}='{location}' " + ("does not exist" if not exists else "holds no .parquet files")
+            + "; give a parquet file or a folder of them (for an image folder use data.source=folder)"
+        )
+    return files
+
+
+def _filesystem(location: str, key: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return uris.filesystem(location, key)
+    except uris.LocationError as error:
+        raise DataError(str(error)) from None
+
+
+def _local_folder(location: str, key: str) -> Path:
+    """An image folder is read from local disk; a remote one gets a message with the fix."""
+    fs, path = _filesystem(location, key)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise DataError(f"{key}='{location}': image folders are read from local disk; convert the folder with "
+                        "`ssl-tune data to-parquet` and give the Parquet file's URI (data.source=parquet)")
+    return Path(path)
+
+
+def _binary_type(dtype: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_binary_view", lambda _: False)
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or view(dtype)
+
+
+def _parquet_columns(file: str) -> list[str]:
+    """The columns of ``file`` this module reads (``image``, then ``label`` and ``path`` when present), checked."""
+    fs, path = _filesystem(file, "data.path")
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"'{file}' is not a readable parquet file: {error}") from error
+    if "image" not in schema.names:
+        raise DataError(
+            f"'{file}' has no 'image' column (columns: {schema.names}); expected 'image' (binary: encoded "
+            "PNG/JPEG bytes) and optionally 'label' (integer); folder_to_parquet / `ssl-tune data to-parquet` writes it"
+        )
+    if not _binary_type(schema.field("image").type):
+        raise DataError(
+            f"'{file}': column 'image' has type {schema.field('image').type}; expected binary "
+            "(the encoded image file's bytes)"
+        )
+    label_type = schema.field("label").type if "label" in schema.names else pa.null()
+    if not (pa.types.is_integer(label_type) or pa.types.is_null(label_type)):
+        raise DataError(
+            f"'{file}': column 'label' has type {label_type}; expected an integer type "
+            "(int64, null for unlabeled rows)"
+        )
+    return ["image"] + [name for name in ("label", "path") if name in schema.names]
+
+
+def _row_names(file: str, table: pa.Table, first_row: int = 0) -> list[str]:
+    """How skipped rows are named: the ``path`` column when there is one, else the row number."""
+    if "path" in table.column_names:
+        return [f"{file}:{p}" for p in table.column("path").to_pylist()]
+    return [f"{file}:row {first_row + i}" for i in range(table.num_rows)]
+
+
+def _read_parquet_file(file: str) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
+    columns = _parquet_columns(file)
+    has_label = "label" in columns
+    fs, path = _filesystem(file, "data.path")
+    table = pq.read_table(path, columns=columns, filesystem=fs)
+    rows = table.num_rows
+    names = _row_names(file, table)
+    labels = (
+        pc.fill_null(table.column("label").cast(pa.int64()), -1).to_numpy() if has_label
+        else np.full(rows, -1, np.int64)
+    )
+    negative = np.flatnonzero(labels < -1)  # null reads as -1; an explicit -1 means "unlabeled" too
+    if negative.size:
+        raise DataError(
+            f"'{file}': column 'label' has negative value {labels[negative[0]]} (row {negative[0]}); "
+            "labels must be >= 0 (null or -1 for unlabeled rows)"
+        )
+    return table.column("image").to_pylist(), names, labels.astype(np.int64)
+
+
+def _parquet_records(path: str, key: str) -> _Records:
+    """All rows of the parquet file(s) at ``path`` (a path or URI); labels renumbered 0..C-1 in sorted order."""
+    files = _parquet_files_or_error(path, key)
+    sources: list[Optional[ImageSource]] = []
+    names: list[str] = []
+    labels: list[np.ndarray] = []
+    for file in files:
+        images, file_names, file_labels = _read_parquet_file(file)
+        sources += images
+        names += file_names
+        labels.append(file_labels)
+    raw = np.concatenate(labels)
+    if not len(raw):
+        raise DataError(f"{key}='{path}' has no rows; it holds no images")
+    labeled = raw >= 0
+    if labeled.all():
+        classes, index = np.unique(raw, return_inverse=True)
+        return _Records(sources, names, index.astype(np.int64), len(classes), str(path))
+    if labeled.any():
+        raise DataError(
+            f"{key}='{path}': {int(labeled.sum())} of {len(raw)} rows have a label; give every row a label "
+            "or none (put the labeled images in data.labeled_path)"
+        )
+    return _Records(sources, names, raw, 0, str(path))
+
+
+def _any_records(path: str, key: str) -> _Records:
+    """A parquet file, a folder of parquet files, or an image folder."""
+    if _parquet_files(path, key)[0]:
+        return _parquet_records(path, key)
+    return _folder_records(_local_folder(path, key), key)
+
+
+def _expand(location: str) -> str:
+    """``~`` expanded in a local path; a URI as it is."""
+    return location if uris.is_uri(location) else str(Path(location).expanduser())
+
+
+def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[N, 3, h, h]`` -> ``[N, 3, size, size]`` (bilinear, antialiased), in chunks."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], 3, size, size), dtype=torch.uint8)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        chunk = images[start : start + _RESIZE_CHUNK]
+        out[start : start + len(chunk)] = TF.resize(chunk, [size, size], antialias=True)
+    return out
+
+
+def _digits_pool(image_size: int) -> ImageSet:
+    """All 1,797 labeled digits as ``image_size`` RGB images, in scikit-learn's order."""
+    digits = load_digits()
+    grey = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    return ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), image_size), labels)
+
+
+def _torchvision_dataset(factory: Callable[..., Any], name: str, root: Path, **kwargs: Any) -> Any:
+    """The dataset from ``root``; downloaded there when missing (needs network)."""
+    try:
+        return factory(str(root), download=False, **kwargs)
+    except RuntimeError:
+        pass  # not there yet: download it
+    try:
+        return factory(str(root), download=True, **kwargs)
+    except _DOWNLOAD_ERRORS as error:
+        raise DataError(
+            f"{name} is not in data.download_root='{root}' and could not be downloaded ({error}). "
+            f"With network access it downloads itself there on first use; otherwise download {name} "
+            f"(torchvision.datasets format) into '{root}' on a machine with network, or set data.download_root "
+            "to where it already is"
+        ) from error
+
+
+def _array_set(images: np.ndarray, labels: Sequence[int] | np.ndarray, size: int, channels_last: bool) -> ImageSet:
+    tensor = torch.from_numpy(images)
+    if channels_last:
+        tensor = tensor.permute(0, 3, 1, 2)
+    return ImageSet(_resize_square(tensor.contiguous(), size), torch.as_tensor(np.asarray(labels), dtype=torch.long))
