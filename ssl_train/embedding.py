@@ -39,6 +39,11 @@ class EmbeddingModel(nn.Module):
         return self.backbone((x - self.mean) / self.std).float().flatten(1)
 
 
+def example_images(size: int) -> torch.Tensor:
+    """A fixed batch of 2 uint8 images ``[2, 3, size, size]``: the MLflow input example and the ONNX trace input."""
+    return torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def embed_batches(
     model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -57,8 +62,7 @@ def export_onnx(model: EmbeddingModel, destination: str | Path) -> Path:
     Uses torch's exporter (``torch.onnx.export``, which needs the ``onnx`` and ``onnxscript`` packages).
     """
     destination = Path(destination)
-    size = model.image_size
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = example_images(model.image_size)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals

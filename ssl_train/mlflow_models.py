@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from ssl_train.config import TrainConfig
-from ssl_train.embedding import EmbeddingModel
+from ssl_train.embedding import EmbeddingModel, example_images
 
 MODEL_NAME = "model"  # the MLflow Model's name in its run
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -33,9 +33,8 @@ def log_embedding_model(
 ) -> str:
     """Log the backbone as an MLflow Model in run ``run_id``; returns its URI (``models:/NAME/VERSION`` when
     registered, else ``runs:/RUN/model``)."""
-    size = config.data.image_size
-    model = EmbeddingModel(backbone.cpu(), size)
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = EmbeddingModel(backbone.cpu(), config.data.image_size)
+    example = example_images(model.image_size)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     mlflow.set_tracking_uri(tracking_uri)
