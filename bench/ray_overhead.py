@@ -30,10 +30,9 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch.utils.data import DataLoader
 
 from bench.common import append_section
-from ssl_train.augment import MultiViewDataset, view_recipes
+from ssl_train.augment_batched import build_augmenter
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits, load_splits
 from ssl_train.distributed import fit
@@ -62,7 +61,7 @@ def plain_loop(config: TrainConfig, splits: DatasetSplits) -> list[float]:
     """The same optimisation as a bare PyTorch loop; returns each epoch's seconds."""
     method = build_model(config)
     sampler = GlobalBatchSampler(len(splits.ssl_train), config.optim.batch_size, 0, 1, config.seed)
-    loader = DataLoader(MultiViewDataset(splits.ssl_train.images, view_recipes(config)), batch_sampler=sampler)
+    augment, images = build_augmenter(config), splits.ssl_train.images  # augment.backend's views, as the loop's
     optimizer = build_optimizer(method, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, len(sampler))
     total = len(sampler) * config.optim.epochs
@@ -71,7 +70,8 @@ def plain_loop(config: TrainConfig, splits: DatasetSplits) -> list[float]:
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         method.train()
-        for i, views in enumerate(loader):
+        for i, batch in enumerate(sampler):
+            views = augment(images[batch])
             train_step(method, method, optimizer, scheduler, views, epoch * len(sampler) + i, epoch, total)
         periods.append(time.perf_counter() - started)
     return periods

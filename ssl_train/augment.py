@@ -15,13 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from torchvision.utils import make_grid, save_image
 
 from ssl_train.config import TrainConfig, min_image_size
 
@@ -41,7 +38,6 @@ PAPER_SOLARIZE_P = (0.0, 0.2)
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # on uint8 pixels, i.e. 0.5 of the [0, 1] range
 MAX_HUE = 0.5  # ColorJitter's hue factor lies in [-0.5, 0.5]
-PREVIEW_CELL = 128  # preview tiles are upscaled (nearest) to at least this many pixels a side
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -151,7 +147,8 @@ def build_view_transform(recipe: ViewRecipe) -> Callable[[torch.Tensor], torch.T
     return v2.Compose(ops)
 
 
-def _check_images(images: torch.Tensor, where: str) -> None:
+def check_images(images: torch.Tensor, where: str) -> None:
+    """Raise unless ``images`` is a uint8 RGB batch ``[N, 3, H, W]``; ``where`` names the caller."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"{where}: images must be a uint8 tensor [N, 3, H, W], got {images.dtype} {tuple(images.shape)}; "
@@ -159,11 +156,25 @@ def _check_images(images: torch.Tensor, where: str) -> None:
         )
 
 
+class PerSampleViews:
+    """``augment.backend: per_sample``, the reference: each image through its torchvision v2 transforms, one by one.
+
+    Called like :class:`~ssl_train.augment_batched.BatchedViews`: a uint8 batch in, one stacked view per recipe out.
+    """
+
+    def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
+        self.transforms = [build_view_transform(recipe) for recipe in recipes]
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        check_images(images, "PerSampleViews")
+        return [torch.stack([transform(image) for image in images]) for transform in self.transforms]
+
+
 class MultiViewDataset(Dataset):
     """Images in memory -> one augmented view per recipe, freshly drawn on every access."""
 
     def __init__(self, images: torch.Tensor, recipes: Sequence[ViewRecipe]) -> None:
-        _check_images(images, "MultiViewDataset")
+        check_images(images, "MultiViewDataset")
         if not recipes:
             raise ValueError("MultiViewDataset: give at least one ViewRecipe (see view_recipes(config))")
         self.images = images
@@ -191,37 +202,3 @@ class MultiViewDataset(Dataset):
             return [self[index] for index in indices]
         finally:
             torch.set_num_threads(threads)
-
-
-def _display(image: torch.Tensor, cell: int) -> torch.Tensor:
-    """A [0, 1] image ``[3, h, w]`` resized (nearest) to ``[3, cell, cell]`` for the preview."""
-    return F.interpolate(image[None], size=(cell, cell), mode="nearest-exact")[0]
-
-
-def save_preview(
-    config: TrainConfig, images: torch.Tensor, path: str | Path, num_images: int = 8, seed: int = 0
-) -> Path:
-    """Write a PNG grid: one row per image, the original then each of its views.
-
-    Views are de-normalised for display and every tile is upscaled (nearest) to
-    ``S * ceil(PREVIEW_CELL / S)`` pixels a side, so 32-pixel digits stay visible.
-    The draw is repeatable for a given ``seed`` and leaves the global RNG untouched.
-    """
-    _check_images(images, "save_preview")
-    if num_images < 1 or len(images) == 0:
-        raise ValueError(f"save_preview: need num_images >= 1 and some images, got {num_images} and {len(images)}")
-    transforms = [build_view_transform(recipe) for recipe in view_recipes(config)]
-    side = images.shape[-1]
-    cell = side * math.ceil(PREVIEW_CELL / side)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    tiles = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for image in images[:num_images]:
-            tiles.append(_display(image.float() / 255.0, cell))
-            tiles += [_display((transform(image) * std + mean).clamp(0, 1), cell) for transform in transforms]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(torch.stack(tiles), nrow=1 + len(transforms), padding=2, pad_value=1.0), path)
-    return path

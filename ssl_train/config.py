@@ -75,6 +75,7 @@ class OptimConfig:
     exclude_bias_and_norm: bool = True
     mixed_precision: bool = True
     channels_last: bool = False
+    compile: bool = False  # torch.compile the method's forward (bench/throughput.py: it does not pay on a 2-core CPU)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class AugmentConfig:
     """
 
     strength: float = 1.0
+    # batched: each batch's views drawn at once on the training device (augment_batched.py);
+    # per_sample: torchvision v2 per image in the DataLoader (augment.py), the reference.
+    backend: Literal["batched", "per_sample"] = "batched"
     crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip_p: float = 0.5

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm import tqdm
 
-from ssl_train.augment import MultiViewDataset, ViewRecipe, view_recipes
+from ssl_train.augment import MultiViewDataset, view_recipes
+from ssl_train.augment_batched import BatchedViews
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
@@ -102,38 +103,61 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 class EpochBatches:
-    """The SSL-train images behind one interface: ``loader_for_epoch(epoch)`` yields this worker's view
-    batches of that epoch, whether the images are all in memory or this worker's streamed share."""
+    """The SSL-train images behind one interface: ``for_epoch(epoch)`` yields this worker's view batches of
+    that epoch, whether the images are all in memory or this worker's streamed share.
 
-    def __init__(self, config: TrainConfig, images: torch.Tensor | ShardedImages, recipes: list[ViewRecipe],
-                 sampler: GlobalBatchSampler) -> None:
-        self.config, self.images, self.recipes, self.sampler = config, images, recipes, sampler
-        if isinstance(images, torch.Tensor):  # one loader for the run: the sampler picks each epoch's batches
-            self.loader = DataLoader(
-                MultiViewDataset(images, recipes), batch_sampler=sampler, num_workers=config.data.loader_workers,
-                persistent_workers=config.data.loader_workers > 0,
-            )
+    ``augment.backend: batched``: the images stay one uint8 tensor on the training device (copied once, through
+    pinned memory on CUDA); a batch is an index gather, then :class:`BatchedViews` on the device. ``per_sample``:
+    a ``DataLoader`` runs the per-image transforms, in ``data.loader_workers`` processes.
+    """
+
+    def __init__(self, config: TrainConfig, images: torch.Tensor | ShardedImages, sampler: GlobalBatchSampler,
+                 device: torch.device) -> None:
+        self.config, self.images, self.sampler, self.device = config, images, sampler, device
+        self.batched = config.augment.backend == "batched"
+        if self.batched:
+            self.augment = BatchedViews(view_recipes(config))
+            if isinstance(images, torch.Tensor):
+                self.images = _to_device(images, device)
+        elif isinstance(images, torch.Tensor):  # one loader for the run: the sampler picks each epoch's batches
+            self.loader = self._loader(images, sampler, persistent=True)
+
+    def _loader(self, images: torch.Tensor, batch_sampler: Iterable[list[int]], persistent: bool = False) -> DataLoader:
+        workers = self.config.data.loader_workers
+        return DataLoader(MultiViewDataset(images, view_recipes(self.config)), batch_sampler=batch_sampler,
+                          num_workers=workers, persistent_workers=persistent and workers > 0)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def loader_for_epoch(self, epoch: int) -> DataLoader:
+    def for_epoch(self, epoch: int) -> Iterable[list[torch.Tensor]]:
         self.sampler.set_epoch(epoch)
-        if isinstance(self.images, torch.Tensor):
-            return self.loader
-        # Streamed: the epoch's exchange hands this worker exactly its slices, already in batch order.
-        images = self.images.epoch_images(epoch, self.config.optim.batch_size, self.config.seed)
-        return DataLoader(
-            MultiViewDataset(images, self.recipes),
-            batch_sampler=BatchSampler(SequentialSampler(range(len(images))), self.sampler.stop - self.sampler.start,
-                                       False),
-            num_workers=self.config.data.loader_workers,
-        )
+        streamed = isinstance(self.images, ShardedImages)
+        if streamed:
+            # The epoch's exchange hands this worker exactly its slices, already in batch order.
+            images = self.images.epoch_images(epoch, self.config.optim.batch_size, self.config.seed)
+            batches: Iterable[list[int]] = BatchSampler(SequentialSampler(range(len(images))),
+                                                        self.sampler.stop - self.sampler.start, False)
+        else:
+            images, batches = self.images, self.sampler
+        if not self.batched:
+            return self._loader(images, batches) if streamed else self.loader
+        images = _to_device(images, self.device)
+        return (self.augment(images[torch.as_tensor(batch, device=self.device)]) for batch in batches)
 
     def metrics(self) -> dict[str, Any]:
         if isinstance(self.images, ShardedImages):
             return {"streamed_rows_held": len(self.images.images)}  # this worker's share of the streamed rows
         return {}
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``images`` on ``device``: a CUDA copy goes through pinned memory, without blocking the host."""
+    if images.device == device:
+        return images
+    if device.type == "cuda":
+        images = images.pin_memory()
+    return images.to(device, non_blocking=True)
 
 
 def _training_images(
@@ -249,7 +273,9 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
                 self.model = nn.parallel.DistributedDataParallel(method, device_ids=device_ids,
                                                                  broadcast_buffers=False)
-        self.batches = EpochBatches(config, images, view_recipes(config), sampler)
+        if config.optim.compile:
+            self.model = torch.compile(self.model)
+        self.batches = EpochBatches(config, images, sampler, device)
         self.loss_weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
         self.bf16 = device.type == "cuda" and config.optim.mixed_precision
         self.memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
@@ -274,8 +300,8 @@ class Trainer:
         started = time.perf_counter()
         loss_sum, embeddings, extras = 0.0, None, {}
         steps = tqdm(
-            self.batches.loader_for_epoch(epoch), desc=f"epoch {epoch + 1}/{self.config.optim.epochs}", leave=False,
-            disable=not (self.context.show_progress and self.context.is_main),
+            self.batches.for_epoch(epoch), desc=f"epoch {epoch + 1}/{self.config.optim.epochs}", leave=False,
+            total=self.steps_per_epoch, disable=not (self.context.show_progress and self.context.is_main),
         )
         for step_in_epoch, views in enumerate(steps):
             step = epoch * self.steps_per_epoch + step_in_epoch

@@ -14,10 +14,10 @@ from ssl_train.augment import (
     blur_kernel_size,
     build_view_transform,
     normalize_batch,
-    save_preview,
     view_recipes,
 )
 from ssl_train.config import ConfigError, from_dict
+from ssl_train.preview import save_preview
 
 RATIO = (3 / 4, 4 / 3)
 

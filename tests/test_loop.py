@@ -6,11 +6,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ssl_train.augment import view_recipes
+from ssl_train.augment_batched import BatchedViews
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
-from ssl_train.loop import WorkerContext, train_loop
+from ssl_train.loop import Trainer, WorkerContext, train_loop
 from ssl_train.run import load_backbone, train
 from ssl_train.status import Status
 from tuning.cli import main
@@ -31,10 +33,10 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method", ["byol", "swav"])
-def test_crash_then_resume_equals_straight_training(tmp_path, digits8, method):
+@pytest.mark.parametrize("method, backend", [("byol", "batched"), ("swav", "batched"), ("byol", "per_sample")])
+def test_crash_then_resume_equals_straight_training(tmp_path, digits8, method, backend):
     extra = ["swav.queue_length=256", "swav.queue_start_epoch=1", "swav.freeze_prototypes_steps=5"]
-    config = load_config(overrides=[*TINY, f"method={method}", "optim.epochs=4", *extra])
+    config = load_config(overrides=[*TINY, f"method={method}", "optim.epochs=4", f"augment.backend={backend}", *extra])
     straight = train_loop(config, lambda m, c: None, WorkerContext(checkpoint_dir=tmp_path / "a"), splits=digits8)
 
     def crash_after_two(metrics, _checkpoint):
@@ -55,6 +57,34 @@ def test_crash_then_resume_equals_straight_training(tmp_path, digits8, method):
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bitwise on CPU
     assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def test_batched_backend_gathers_each_batch_from_the_device_copy(digits8):
+    """A batch of the batched backend is an index gather of the images, then BatchedViews with the same RNG."""
+    config = load_config(overrides=[*TINY, "optim.epochs=2"])
+    trainer = Trainer(config, lambda m, c: None, splits=digits8)
+    batches = trainer.batches
+    assert batches.images.device == trainer.device and batches.images.dtype == torch.uint8
+    assert len(batches.images) == len(digits8.ssl_train)
+    first_batch = next(iter(batches.sampler))
+    torch.manual_seed(5)
+    views = next(iter(batches.for_epoch(0)))
+    torch.manual_seed(5)
+    expected = BatchedViews(view_recipes(config))(digits8.ssl_train.images[first_batch])
+    assert len(views) == len(expected) == 2
+    for view, reference in zip(views, expected, strict=True):
+        assert torch.equal(view, reference)
+
+
+def test_compiled_forward_trains_like_eager(digits8):
+    """optim.compile=true (torch.compile of the method's forward) gives the eager run's losses, up to float rounding."""
+    config = load_config(overrides=[*TINY, "optim.epochs=2", "eval.every_epochs=2"])
+    eager = train_loop(config, lambda m, c: None, splits=digits8)
+    compiled_config = load_config(overrides=[*TINY, "optim.epochs=2", "eval.every_epochs=2", "optim.compile=true"])
+    trainer = Trainer(compiled_config, lambda m, c: None, splits=digits8)
+    assert trainer.model is not trainer.method  # the compiled wrapper runs the steps
+    compiled = trainer.fit()
+    assert [m["loss"] for m in compiled.history] == pytest.approx([m["loss"] for m in eager.history], rel=1e-3)
 
 
 def test_non_finite_loss_stops_as_diverged(digits8):

@@ -174,8 +174,8 @@ def cmd_to_parquet(args: argparse.Namespace) -> int:
 
 
 def cmd_augment_preview(args: argparse.Namespace) -> int:
-    from ssl_train.augment import save_preview
     from ssl_train.data import load_splits
+    from ssl_train.preview import save_preview
 
     config = config_from_args(args)
     splits = load_splits(config.data)

@@ -37,10 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace, load_space
 from ssl_train import uris
-from ssl_train.augment import save_preview
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
+from ssl_train.preview import save_preview
 from ssl_train.status import Status
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, Margin, candidates, confirmation_grid
 from tuning.progress import CompactReporter, log_to_file
