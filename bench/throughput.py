@@ -5,7 +5,8 @@ images, and no DataLoader worker processes (augmentation runs in the training pr
 
 - ``per_sample``: ``augment.backend=per_sample``, torchvision v2 per image in a DataLoader (the old path);
 - ``batched``: ``augment.backend=batched``, an index gather and :class:`BatchedViews` on the device (the default);
-- ``batched+compile``: the same with ``optim.compile=true`` (compilation itself left out of the timing);
+- ``batched+compile``: the same with ``optim.compile=true``, in the ``--compile-cases`` (compilation left out
+  of the timing);
 - ``lightly``: lightly 1.6's BYOL example (``BYOLTransform`` on PIL images, ``BYOLProjectionHead`` /
   ``BYOLPredictionHead``, ``NegativeCosineSimilarity``, ``update_momentum``, SGD) around the same backbone.
 
@@ -173,7 +174,7 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
     sides = [ssl_tune_side("per_sample", case_config(method, backbone, side, args, "augment.backend=per_sample"),
                            splits, device),
              ssl_tune_side("batched", config, splits, device)]
-    if args.compile:
+    if f"{method}/{backbone}/{side}" in args.compile_cases.split(","):
         sides.append(ssl_tune_side("batched+compile", case_config(method, backbone, side, args, "optim.compile=true"),
                                    splits, device))
     if method == "byol":
@@ -207,8 +208,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time batched + optim.compile")
+    parser.add_argument("--compile-cases", default="byol/small_cnn/32,swav/small_cnn/32",
+                        help="cases that also time batched + optim.compile (compiling takes minutes on a CPU)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compilation happens here)")

@@ -119,7 +119,7 @@ class DataConfig:
     val_fraction: float = 0.2  # of the labeled non-test images: the search's per-epoch objective
     labeled_fraction: float = 1.0
     download_root: str = "~/.cache/ssl-tune/datasets"
-    loader_workers: int = 0
+    loader_workers: int = 0  # DataLoader processes of augment.backend=per_sample
     # Stream the SSL-train images of a parquet data.path to the workers with Ray Data instead of
     # decoding all of them in every worker (labeled sets from data.labeled_path stay in memory).
     streaming: bool = False
@@ -419,6 +419,9 @@ def validate(c: TrainConfig) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in (0, 1)")
     _require(0 < d.labeled_fraction <= 1, "data.labeled_fraction", d.labeled_fraction, "must lie in (0, 1]")
     _require(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    _require(d.loader_workers == 0 or a.backend == "per_sample", "data.loader_workers", d.loader_workers,
+             "runs augment.backend=per_sample's DataLoader; the batched backend augments on the training device "
+             "without loader processes: set data.loader_workers=0, or augment.backend=per_sample")
     for key, location in (("data.path", d.path), ("data.labeled_path", d.labeled_path),
                           ("scaling.storage", c.scaling.storage)):
         if location:

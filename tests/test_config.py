@@ -59,6 +59,8 @@ def test_flat_keys_are_dotted_paths():
         ("augment.crop_scale=[0.9, 0.2]", ["augment.crop_scale", "low <= high"]),
         ("scaling.max_workers=0", ["scaling.max_workers=0"]),
         ("optim.mixed_precision=1", ["optim.mixed_precision=1", "true or false"]),
+        ("augment.backend=gpu", ["augment.backend='gpu'", "batched", "per_sample"]),
+        ("data.loader_workers=2", ["data.loader_workers=2", "augment.backend=per_sample", "data.loader_workers=0"]),
     ],
 )
 def test_invalid_values_name_key_value_and_what_is_allowed(override, fragments):

@@ -1,8 +1,9 @@
 """It learns (the short CI form of bench/learns.py): default BYOL and SwAV beat random init, without collapse.
 
 On digits the random-init small CNN is already a fair kNN feature extractor (~0.69 at 32px), and both
-methods first dip below it; BYOL passes it after ~8 epochs, SwAV (prototypes frozen, then Sinkhorn codes
-sharpening) after ~12 of its 20. The test trains BYOL on a shortened schedule, SwAV on the default one.
+methods first dip below it, then pass it within their default 20 epochs. Both train on that schedule: a shortened
+one is at the mercy of the seed (BYOL at 10 epochs ended at 0.63 / 0.69 / 0.56 for seeds 0-2 with the batched
+augmentation, 0.69 / 0.54 for seeds 0 and 2 with the per-sample one; at 20 epochs seed 0 ends at 0.75).
 """
 
 import pytest
@@ -13,8 +14,6 @@ from ssl_train.evaluate import evaluate_backbone
 from ssl_train.loop import build_model, train_loop
 from ssl_train.status import Status
 
-EPOCHS = {"byol": 10, "swav": 20}  # swav: the default schedule; a shortened one learns slower
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -23,7 +22,7 @@ def digits():
 
 @pytest.mark.parametrize("method", ["byol", "swav"])
 def test_default_training_raises_knn_accuracy_without_collapse(digits, method):
-    config = load_config(overrides=[f"method={method}", f"optim.epochs={EPOCHS[method]}"])
+    config = load_config(overrides=[f"method={method}"])  # the default schedule, 20 epochs
     random_init = evaluate_backbone(build_model(config).backbone, digits, config.eval)["val_knn_acc"]
     result = train_loop(config, lambda metrics, checkpoint: None, splits=digits)
 

@@ -76,6 +76,7 @@ def test_batched_backend_gathers_each_batch_from_the_device_copy(digits8):
         assert torch.equal(view, reference)
 
 
+@pytest.mark.slow  # inductor compiles the forward and backward: ~2 min on 2 cores
 def test_compiled_forward_trains_like_eager(digits8):
     """optim.compile=true (torch.compile of the method's forward) gives the eager run's losses, up to float rounding."""
     config = load_config(overrides=[*TINY, "optim.epochs=2", "eval.every_epochs=2"])
