@@ -35,8 +35,8 @@ from bench.common import append_section
 from ssl_train.augment_batched import build_augmenter
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits, load_splits
-from ssl_train.distributed import fit
-from ssl_train.loop import WorkerContext, build_model, train_loop, train_step
+from ssl_train.distributed import WORKER_ENV_VARS, fit
+from ssl_train.loop import Trainer, WorkerContext, build_model, train_loop, train_step
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler
 
@@ -114,6 +114,44 @@ def ray_path(config: TrainConfig, workers: int, images: int) -> tuple[float, lis
     return timed(lambda record: fit(config, record), images)
 
 
+def median_step_seconds(config: TrainConfig, steps: int, threads: int) -> tuple[float, int]:
+    """Median seconds of one ``train_step`` (views made beforehand) in the calling process, and its niceness."""
+    torch.set_num_threads(threads)
+    trainer = Trainer(config, lambda metrics, checkpoint: None)
+    batches = iter(trainer.batches.for_epoch(0))
+    views = [next(batches) for _ in range(4)]
+    seconds = []
+    for k in range(steps):
+        started = time.perf_counter()
+        train_step(trainer.model, trainer.method, trainer.state.optimizer, trainer.state.scheduler, views[k % 4], k, 0,
+                   trainer.total_steps)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds[2:]), os.nice(0)
+
+
+@ray.remote(num_cpus=1)
+class StepHost:
+    """A Ray worker process that times train steps, as a trial or Train worker would run them."""
+
+    def median_step_seconds(self, config: TrainConfig, steps: int, threads: int) -> tuple[float, int]:
+        return median_step_seconds(config, steps, threads)
+
+
+def steps_by_host(config: TrainConfig, threads: int, rounds: int = 5, steps: int = 40) -> dict[str, list[float]]:
+    """The same train steps in this process and in Ray actors at Ray's default nice 15 and at ensure_ray's nice 0,
+    interleaved round by round; per host, each round's median step seconds."""
+    hosts = {f"Ray actor, nice {nice}": StepHost.options(runtime_env={"env_vars": {"RAY_worker_niceness": nice}})
+             .remote() for nice in ("15", "0")}
+    seconds: dict[str, list[float]] = {"this process (driver), nice 0": []}
+    for _ in range(rounds):
+        seconds["this process (driver), nice 0"].append(median_step_seconds(config, steps, threads)[0])
+        for name, host in hosts.items():
+            step, nice = ray.get(host.median_step_seconds.remote(config, steps, threads))
+            assert name.endswith(f"nice {nice}"), (name, nice)
+            seconds.setdefault(name, []).append(step)
+    return seconds
+
+
 def trivial_fit(workers: int, storage: str) -> dict[str, float]:
     """A TorchTrainer whose loop only reports once: Ray Train's own start-up and tear-down."""
 
@@ -136,6 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the throughput runs (~60 s each here)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
+    parser.add_argument("--ray-niceness", action="store_true",
+                        help="leave the workers at Ray's default nice 15 (before the fix) instead of ensure_ray's 0")
     parser.add_argument("--print-only", action="store_true", help="print the section, do not append it to RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # a Ray worker gets OMP_NUM_THREADS = its CPUs
@@ -151,7 +191,8 @@ def main() -> None:
     # Own dashboard port and RAY_ADDRESS: other Ray instances on this machine must not be mistaken for ours.
     started = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    env_vars = {"RAY_ADDRESS": cluster.address, **({} if args.ray_niceness else WORKER_ENV_VARS)}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env_vars})  # the workers' niceness: ensure_ray's
     rows["ray_start"] = time.perf_counter() - started
 
     rows["plain"] = plain_loop(config, splits)
@@ -160,6 +201,7 @@ def main() -> None:
     wall, stamps, rows["ray_1_steps"] = ray_path(config, 1, images)
     rows["ray_1"] = periods_and_fixed(wall, stamps)[0]
 
+    rows["by_host"] = steps_by_host(config, args.threads)
     fixed = {"in-process train_loop": periods_and_fixed(*in_process(tiny, tiny_images)[:2])[1]}
     for workers in (1, 2):
         fixed[f"fit(), {workers} Ray Train worker(s)"] = periods_and_fixed(*ray_path(tiny, workers, tiny_images)[:2])[1]
@@ -197,6 +239,18 @@ def report(config: TrainConfig, rows: dict[str, Any], fixed: dict[str, float], t
         f" {steady(rows['in_process_steps']):.2f} | {sum(rows['in_process']):.1f} |",
         f"| Ray Train, 1 worker (fit: + report, checkpoint upload) | {ray1:.2f} | {ray1 / plain:.3f} |"
         f" {steady(rows['ray_1_steps']):.2f} | {sum(rows['ray_1']):.1f} |",
+        "",
+        "Where the Ray worker's slowdown came from: the same train steps (views made beforehand) in this process"
+        " and in Ray actors, interleaved over 5 rounds of 40 steps. Ray renices its workers to 15"
+        " (`RAY_worker_niceness`); `ssl_train.distributed.ensure_ray` starts this job's workers at 0.",
+        "",
+        "| host | median step (ms) | ratio to this process |",
+        "|---|---|---|",
+        *[f"| {name} | {1000 * statistics.median(s):.1f} | "
+          f"{statistics.median(s) / statistics.median(rows['by_host']['this process (driver), nice 0']):.3f} |"
+          for name, s in rows["by_host"].items()],
+        "",
+        f"The throughput runs above ran with the workers at nice {15 if args.ray_niceness else 0}.",
         "",
         "Fixed start-up + tear-down (wall time of a 2-epoch tiny run minus its epochs; Ray already running):",
         "",

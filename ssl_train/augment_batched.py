@@ -22,6 +22,7 @@ not one per sample as the recipe does, and ``bench/throughput.py`` measures this
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -156,29 +157,29 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
     """``[N, 1, H, W]`` luma of RGB images in [0, 1]."""
-    r, g, b = images.unbind(dim=1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[:, None]
+    weights = torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1).to(images.device, non_blocking=True)
+    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate each image's hue by ``shift`` turns in HSV (torchvision's ``adjust_hue``), saturation and value kept.
 
-    RGB -> HSV as torchvision's ``_rgb_to_hsv``; back with ``c = v - v s clamp(min(k, 4 - k), 0, 1)``,
-    ``k = (n + 6 h) mod 6`` and n = 5, 3, 1 for R, G, B (the piecewise HSV formula, branch-free).
+    RGB -> HSV as torchvision's ``_rgb_to_hsv``; back with ``c = v - (v - min) clamp(min(k, 4 - k), 0, 1)``,
+    ``k = (n + 6 h) mod 6`` and n = 5, 3, 1 for R, G, B (the piecewise HSV formula, branch-free; v s = v - min).
+    Selections are products with 0/1 masks: ``torch.where`` is ~10x slower on the CPU.
     """
     r, g, b = images.unbind(dim=1)
-    value, low = images.amax(dim=1), images.amin(dim=1)
+    value, low = images.aminmax(dim=1)[::-1]
     spread = value - low
-    safe_spread = torch.where(spread > 0, spread, 1.0)
-    saturation = spread / torch.where(spread > 0, value, 1.0)
-    max_is_r = value == r
-    max_is_g = ~max_is_r & (value == g)
-    hue = torch.where(max_is_r, (g - b) / safe_spread,
-                      torch.where(max_is_g, 2.0 + (b - r) / safe_spread, 4.0 + (r - g) / safe_spread))
-    hue = (hue / 6.0 + 1.0 + shift[:, None, None]).remainder(1.0)
-    n = torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1)
-    k = (n + 6.0 * hue[:, None]).remainder(6.0)
-    return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    max_is_r = (value == r).float()
+    max_is_g = (1.0 - max_is_r) * (value == g).float()
+    max_is_b = 1.0 - max_is_r - max_is_g
+    # The hue of a grey pixel (spread 0) is 0, and any hue error is scaled by the spread on the way back.
+    hue = (max_is_r * (g - b) + max_is_g * (b - r + 2.0 * spread) + max_is_b * (r - g + 4.0 * spread))
+    sixths = (hue / spread.clamp(min=1e-12) + (6.0 + 6.0 * shift[:, None, None]))[:, None]  # 6 h shifted, > 0
+    n = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1).to(images.device, non_blocking=True)
+    k = (n + sixths).remainder_(6.0)
+    return value[:, None] - spread[:, None] * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
@@ -187,64 +188,74 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
 
     Brightness, contrast and saturation are ``clamp(f x + (1 - f) y)`` with y = 0, the mean luma, or the
     luma image; at each of the 4 positions one blend serves every sample whatever its op there. Hue runs
-    on the samples whose op it is.
+    on the samples whose op it is. The parameters may be on the CPU (then choosing those samples needs no
+    device sync); they are moved to the images' device.
     """
-    zero = images.new_zeros(())
+    device = images.device
+    order_on_device = order.to(device, non_blocking=True)
+    op_at = order_on_device.view(-1, 4, 1, 1, 1)
+    factor_at = factors.to(device, non_blocking=True).gather(1, order_on_device).view(-1, 4, 1, 1, 1)
+    is_contrast, is_saturation = (op_at == CONTRAST).float(), (op_at == SATURATION).float()
+    factor_at = torch.where(op_at == HUE, 1.0, factor_at)  # the blend leaves a hue sample as it is
     for position in range(4):
-        op = order[:, position].view(-1, 1, 1, 1)
         luma = grayscale(images)
-        towards = torch.where(op == BRIGHTNESS, zero,
-                              torch.where(op == CONTRAST, luma.mean(dim=(1, 2, 3), keepdim=True), luma))
-        factor = torch.where(op == HUE, 1.0, factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1))
-        images = (factor * images + (1.0 - factor) * towards).clamp(0.0, 1.0)
+        towards = (is_contrast[:, position] * luma.mean(dim=(1, 2, 3), keepdim=True)
+                   + is_saturation[:, position] * luma)  # 0 for brightness
+        images = torch.lerp(towards, images, factor_at[:, position]).clamp_(0.0, 1.0)  # f x + (1 - f) y
         hued = (jitter & (order[:, position] == HUE) & (factors[:, HUE] != 0)).nonzero()[:, 0]
         if len(hued):
-            images = images.index_copy(0, hued, shift_hue(images[hued], factors[hued, HUE]))
+            shift = factors[hued, HUE].to(device, non_blocking=True)
+            hued = hued.to(device, non_blocking=True)
+            images.index_copy_(0, hued, shift_hue(images[hued], shift))
     return images
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """torchvision's ``gaussian_blur`` with one sigma per image: a separable normalised Gaussian, reflect padding."""
+    """torchvision's ``gaussian_blur`` with one sigma per image: a normalised Gaussian of ``kernel_size`` taps,
+    reflect padding, applied along the width then the height as weighted sums of shifted slices."""
     half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, device=images.device)
-    kernel = torch.exp(-0.5 * (x[None] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # [3N, k], one per channel
-    n, c, h, w = images.shape
-    pad = kernel_size // 2
-    out = F.pad(images.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
-    out = F.conv2d(out, kernel[:, None, None, :], groups=n * c)
-    out = F.conv2d(out, kernel[:, None, :, None], groups=n * c)
-    return out.reshape(n, c, h, w)
+    taps = torch.linspace(-half, half, kernel_size, device=images.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).view(-1, 1, 1, 1, kernel_size)
+    height, width, pad = images.shape[-2], images.shape[-1], kernel_size // 2
+    padded = F.pad(images, [pad, pad, pad, pad], mode="reflect")
+    along_width = sum(kernel[..., j] * padded[..., j:j + width] for j in range(kernel_size))
+    return sum(kernel[..., j] * along_width[..., j:j + height, :] for j in range(kernel_size))
 
 
-def _where_sample(mask: torch.Tensor, changed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1), changed, images)
+def apply_view(images: torch.Tensor, size: int, params: ViewParams) -> torch.Tensor:
+    """float [0, 1] images ``[B, 3, H, W]`` -> the normalised views ``[B, 3, size, size]``, in BYOL's op order:
+    crop + flip, colour jitter, grayscale, blur, solarisation; then standardised with ``MEAN``/``STD``.
 
-
-def apply_view(images: torch.Tensor, recipe: ViewRecipe, params: ViewParams) -> torch.Tensor:
-    """float [0, 1] images ``[B, 3, H, W]`` -> the normalised view ``[B, 3, size, size]``, in BYOL's op order:
-    crop + flip, colour jitter, grayscale, blur, solarisation; then standardised with ``MEAN``/``STD``."""
-    views = resized_crop(images, params.boxes, recipe.size, params.flip).clamp_(0.0, 1.0)
-    if recipe.jitter_p > 0:
+    ``params`` (one row per image, on the CPU) decide which ops run on which images without a device sync.
+    """
+    device = images.device
+    on_device = params.to(device)
+    views = resized_crop(images, on_device.boxes, size, on_device.flip).clamp_(0.0, 1.0)
+    if params.jitter.any():
         views = color_jitter(views, params.factors, params.order, params.jitter)
-    if recipe.grayscale_p > 0:
-        views = _where_sample(params.grayscale, grayscale(views).expand_as(views), views)
-    if recipe.blur_p > 0:
-        blurred = params.blur.nonzero()[:, 0]
-        if len(blurred):
-            kernel = blur_kernel_size(recipe.size)
-            views = views.index_copy(0, blurred, gaussian_blur(views[blurred], params.sigma[blurred], kernel))
-    if recipe.solarize_p > 0:
-        views = _where_sample(params.solarize, torch.where(views >= SOLARIZE_THRESHOLD / 255, 1.0 - views, views),
-                              views)
-    mean = torch.tensor(MEAN, device=views.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=views.device).view(1, 3, 1, 1)
+    if params.grayscale.any():  # products with 0/1 masks select per sample: torch.where is ~10x slower on the CPU
+        views = torch.lerp(views, grayscale(views), on_device.grayscale.float().view(-1, 1, 1, 1))
+    blurred = params.blur.nonzero()[:, 0]
+    if len(blurred):
+        sigma = params.sigma[blurred].to(device, non_blocking=True)
+        blurred = blurred.to(device, non_blocking=True)
+        views.index_copy_(0, blurred, gaussian_blur(views[blurred], sigma, blur_kernel_size(size)))
+    if params.solarize.any():  # x -> 1 - x at and above the threshold
+        inverted = (views >= SOLARIZE_THRESHOLD / 255).float() * on_device.solarize.float().view(-1, 1, 1, 1)
+        views = torch.addcmul(views, inverted, 1.0 - 2.0 * views)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
+    std = torch.tensor(STD).view(1, 3, 1, 1).to(device, non_blocking=True)
     return (views - mean) / std
 
 
 class BatchedViews:
     """``augment.backend: batched``: ``views = BatchedViews(recipes)(images)``, one view per recipe, for a uint8
-    batch ``[B, 3, H, W]`` on any device; fresh parameters per call."""
+    batch ``[B, 3, H, W]`` on any device; fresh parameters per call.
+
+    Consecutive views of one size (BYOL's two, SwAV's global pair, its local crops) run as one batch of
+    ``views x B`` samples, so each op runs once per size rather than once per view.
+    """
 
     def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
         if not recipes:
@@ -255,8 +266,12 @@ class BatchedViews:
         check_images(images, "BatchedViews")
         count, _, height, width = images.shape
         pixels = images.float() / 255.0
-        return [apply_view(pixels, recipe, draw_params(recipe, count, height, width).to(images.device))
-                for recipe in self.recipes]
+        views: list[torch.Tensor] = []
+        for size, group in itertools.groupby(self.recipes, key=lambda recipe: recipe.size):
+            drawn = [draw_params(recipe, count, height, width) for recipe in group]
+            params = ViewParams(**{f.name: torch.cat([getattr(p, f.name) for p in drawn]) for f in fields(ViewParams)})
+            views += apply_view(pixels.repeat(len(drawn), 1, 1, 1), size, params).split(count)
+        return views
 
 
 def build_augmenter(config: TrainConfig) -> Callable[[torch.Tensor], list[torch.Tensor]]:
