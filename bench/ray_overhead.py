@@ -35,7 +35,7 @@ from bench.common import append_section
 from ssl_train.augment_batched import build_augmenter
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits, load_splits
-from ssl_train.distributed import WORKER_ENV_VARS, fit
+from ssl_train.distributed import fit
 from ssl_train.loop import Trainer, WorkerContext, build_model, train_loop, train_step
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.sharding import GlobalBatchSampler
@@ -138,7 +138,7 @@ class StepHost:
 
 
 def steps_by_host(config: TrainConfig, threads: int, rounds: int = 5, steps: int = 40) -> dict[str, list[float]]:
-    """The same train steps in this process and in Ray actors at Ray's default nice 15 and at ensure_ray's nice 0,
+    """The same train steps in this process and in Ray actors at Ray's default nice 15 and at nice 0,
     interleaved round by round; per host, each round's median step seconds."""
     hosts = {f"Ray actor, nice {nice}": StepHost.options(runtime_env={"env_vars": {"RAY_worker_niceness": nice}})
              .remote() for nice in ("15", "0")}
@@ -174,8 +174,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the throughput runs (~60 s each here)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
-    parser.add_argument("--ray-niceness", action="store_true",
-                        help="leave the workers at Ray's default nice 15 (before the fix) instead of ensure_ray's 0")
     parser.add_argument("--print-only", action="store_true", help="print the section, do not append it to RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # a Ray worker gets OMP_NUM_THREADS = its CPUs
@@ -191,8 +189,7 @@ def main() -> None:
     # Own dashboard port and RAY_ADDRESS: other Ray instances on this machine must not be mistaken for ours.
     started = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
-    env_vars = {"RAY_ADDRESS": cluster.address, **({} if args.ray_niceness else WORKER_ENV_VARS)}
-    ray.init(address=cluster.address, runtime_env={"env_vars": env_vars})  # the workers' niceness: ensure_ray's
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     rows["ray_start"] = time.perf_counter() - started
 
     rows["plain"] = plain_loop(config, splits)
@@ -240,17 +237,15 @@ def report(config: TrainConfig, rows: dict[str, Any], fixed: dict[str, float], t
         f"| Ray Train, 1 worker (fit: + report, checkpoint upload) | {ray1:.2f} | {ray1 / plain:.3f} |"
         f" {steady(rows['ray_1_steps']):.2f} | {sum(rows['ray_1']):.1f} |",
         "",
-        "Where the Ray worker's slowdown came from: the same train steps (views made beforehand) in this process"
-        " and in Ray actors, interleaved over 5 rounds of 40 steps. Ray renices its workers to 15"
-        " (`RAY_worker_niceness`); `ssl_train.distributed.ensure_ray` starts this job's workers at 0.",
+        "Is it the worker process? The same train steps (views made beforehand) in this process and in Ray actors"
+        " at Ray's default nice 15 (`RAY_worker_niceness`) and at nice 0, interleaved over 5 rounds of 40 steps"
+        " (each round's median, then the median of rounds; `spread` is the rounds' max / min).",
         "",
-        "| host | median step (ms) | ratio to this process |",
-        "|---|---|---|",
+        "| host | median step (ms) | ratio to this process | spread over rounds |",
+        "|---|---|---|---|",
         *[f"| {name} | {1000 * statistics.median(s):.1f} | "
           f"{statistics.median(s) / statistics.median(rows['by_host']['this process (driver), nice 0']):.3f} |"
-          for name, s in rows["by_host"].items()],
-        "",
-        f"The throughput runs above ran with the workers at nice {15 if args.ray_niceness else 0}.",
+          f" {max(s) / min(s):.2f} |" for name, s in rows["by_host"].items()],
         "",
         "Fixed start-up + tear-down (wall time of a 2-epoch tiny run minus its epochs; Ray already running):",
         "",

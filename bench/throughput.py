@@ -180,8 +180,11 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
     if method == "byol":
         sides.append(lightly_side(config, splits, device))
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for s in sides:  # warm-up (and compilation), not timed
+    warmup_s = {}
+    for s in sides:  # warm-up (and compilation), timed apart
+        started = time.perf_counter()
         s.run(args.warmup, synchronize)
+        warmup_s[s.name] = time.perf_counter() - started
         s.augment_s.clear()
         s.step_s.clear()
     for _ in range(args.rounds):
@@ -193,13 +196,13 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
         rows.append({"method": method + (" 2+4 crops" if method == "swav" else ""), "backbone": backbone,
                      "px": side, "path": s.name, "images/s": args.batch / (augment + model),
                      "augment ms/step": 1000 * augment, "model ms/step": 1000 * model,
-                     "augment share": augment / (augment + model)})
+                     "augment % of step": 100 * augment / (augment + model), "warm-up s": warmup_s[s.name]})
     base = rows[0]["images/s"]
     for row in rows:
         row["x per_sample"] = row["images/s"] / base
     lightly = [r for r in rows if r["path"] == "lightly"]
     for row in rows:
-        row["x lightly"] = row["images/s"] / lightly[0]["images/s"] if lightly else float("nan")
+        row["x lightly"] = row["images/s"] / lightly[0]["images/s"] if lightly else "n/a"
     return rows
 
 
@@ -236,7 +239,8 @@ def main() -> None:
         f"Device: {device}; {args.threads} torch threads; torch {torch.__version__}; batch {args.batch}; bf16 "
         f"{args.bf16}, channels_last {args.channels_last}; load average {load:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end; {time.perf_counter() - started:.0f} s. Medians of {args.rounds} "
-        f"interleaved rounds x {args.steps} steps per side, after {args.warmup} untimed steps. No DataLoader worker "
+        f"interleaved rounds x {args.steps} steps per side, after {args.warmup} warm-up steps (their seconds, "
+        "compilation included, in `warm-up s`). No DataLoader worker "
         "processes on any side. `x per_sample` and `x lightly` are images/s ratios within a case.",
         "",
         markdown_table(pd.DataFrame(rows), digits=2),

@@ -129,18 +129,10 @@ def build_trainer(
     )
 
 
-# Ray renices its worker processes to 15 (``RAY_worker_niceness``) so its daemons stay responsive. A training
-# worker is the work: at nice 15 every nice-0 process (raylet, GCS, dashboard, the driver) preempts it, and its
-# steps ran 6-9 % slower than in-process on 2 cores (bench/ray_overhead.py). The workers of this job's
-# trials and Train runs are started with this environment, also on a cluster joined by address.
-WORKER_ENV_VARS = {"RAY_worker_niceness": "0"}
-
-
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (an existing cluster), or start a local one, once per process; this job's
-    workers run at nice 0 (``WORKER_ENV_VARS``)."""
+    """Connect to ``address`` (an existing cluster), or start a local one, once per process."""
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV_VARS})
+        ray.init(address=address, log_to_driver=True)
 
 
 def check_capacity(config: TrainConfig, *, may_grow: bool) -> None:

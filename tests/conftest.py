@@ -30,15 +30,12 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from ssl_train.distributed import WORKER_ENV_VARS
-
     # Other Ray instances may run on this machine. Train's placement-group cleaner asks the State API
     # whether its controller lives, at the address it finds on its own ("the latest cluster"); pointing
     # it at a foreign cluster makes it remove a live run's workers. So: our own dashboard port (the
     # default 8265 may be taken) and RAY_ADDRESS for every process of this job.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
-    ray.init(address=cluster.address,
-             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address, **WORKER_ENV_VARS}})  # as ensure_ray's
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()

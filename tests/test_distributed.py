@@ -26,7 +26,7 @@ from test_loop import TINY
 from ssl_train.checkpoint import load_checkpoint
 from ssl_train.config import ConfigError, load_config
 from ssl_train.data import load_splits
-from ssl_train.distributed import WORKER_ENV_VARS, check_capacity
+from ssl_train.distributed import check_capacity
 from ssl_train.loop import WorkerContext, build_model, train_loop
 from ssl_train.run import train
 from ssl_train.sharding import GlobalBatchSampler, local_batch_sizes
@@ -312,16 +312,3 @@ def test_more_workers_than_the_cluster_is_an_error_or_a_wait_with_a_message(ray_
     fits = load_config(overrides=[*TINY, "scaling.min_workers=2", "scaling.max_workers=2"])
     check_capacity(fits, may_grow=False)
 
-
-@ray.remote(num_cpus=0)
-def _niceness() -> int:
-    return os.nice(0)
-
-
-def test_this_jobs_workers_run_at_nice_zero(ray_cluster):
-    """Ray renices its workers to 15; WORKER_ENV_VARS (ensure_ray's runtime env, the test session's too) gives 0,
-    so a trial's steps are not preempted by every nice-0 process on a small machine (bench/ray_overhead.py)."""
-    assert WORKER_ENV_VARS == {"RAY_worker_niceness": "0"}
-    assert ray.get(_niceness.remote()) == 0
-    default = {"RAY_worker_niceness": "15"}  # Ray's own default, which the job's setting overrides
-    assert ray.get(_niceness.options(runtime_env={"env_vars": default}).remote()) == 15
