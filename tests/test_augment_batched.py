@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 from scipy import stats
+from test_augment import identity_recipe, random_images
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_train.augment import MEAN, STD, PerSampleViews, ViewRecipe, blur_kernel_size, view_recipes
+from ssl_train.augment import MEAN, STD, PerSampleViews, blur_kernel_size, view_recipes
 from ssl_train.augment_batched import (
     BatchedViews,
     ViewParams,
@@ -32,10 +33,6 @@ DRAWS = 20_000
 ALPHA = 0.001  # a fixed-seed draw that matches the recipe passes these tests; a wrong range or probability fails
 
 
-def images_u8(n=6, side=32, seed=0):
-    return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
 def smooth_images(n=6, side=32, seed=0):
     """Natural-looking float images in [0, 1]: random colours blurred, so hue and contrast are meaningful."""
     noise = torch.rand(n, 3, side // 4, side // 4, generator=torch.Generator().manual_seed(seed))
@@ -49,7 +46,7 @@ BOXES = [  # top, left, height, width on a 32x32 image: full, tiny, tall, wide, 
 
 @pytest.mark.parametrize("size", [32, 14, 48, 8])  # equal, up- and down-sampling
 def test_resized_crop_equals_torchvision_within_one_lsb(size):
-    images = images_u8(len(BOXES))
+    images = random_images(len(BOXES))
     boxes = torch.tensor(BOXES)
     ours = resized_crop(images.float() / 255, boxes, size) * 255
     for k, (top, left, h, w) in enumerate(BOXES):
@@ -60,7 +57,7 @@ def test_resized_crop_equals_torchvision_within_one_lsb(size):
 
 
 def test_flip_mirrors_the_crop_exactly():
-    images, boxes = images_u8(len(BOXES)).float() / 255, torch.tensor(BOXES)
+    images, boxes = random_images(len(BOXES)).float() / 255, torch.tensor(BOXES)
     flip = torch.tensor([True, False, True, True, False, True])
     flipped, plain = resized_crop(images, boxes, 20, flip), resized_crop(images, boxes, 20)
     for k in range(len(BOXES)):
@@ -69,7 +66,7 @@ def test_flip_mirrors_the_crop_exactly():
 
 
 def test_grayscale_and_solarize_match_torchvision_on_uint8_within_one_lsb():
-    images = images_u8()
+    images = random_images(6)
     pixels = images.float() / 255
     gray = grayscale(pixels).expand_as(pixels) * 255
     assert (gray.round() - TF.rgb_to_grayscale(images, num_output_channels=3).float()).abs().max() <= 1
@@ -115,10 +112,6 @@ def test_blur_equals_torchvision_per_sample_sigma(side):
     for k in range(4):
         reference = TF.gaussian_blur(images[k], [kernel, kernel], [sigma[k].item()] * 2)
         torch.testing.assert_close(ours[k], reference, atol=1e-5, rtol=0)
-
-
-def identity_recipe(size):
-    return ViewRecipe(size, (1.0, 1.0), (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def fixed_params(n, side, **changes):
@@ -212,7 +205,7 @@ def test_batched_views_run_on_the_images_device_with_one_view_per_recipe():
     config = from_dict({"method": "swav", "augment": {"num_local_crops": 2, "local_crop_size": 16}})
     augment = build_augmenter(config)
     assert isinstance(augment, BatchedViews)
-    views = augment(images_u8(5))
+    views = augment(random_images(5))
     assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
     assert all(v.dtype == torch.float32 and v.device == torch.device("cpu") for v in views)
     assert not torch.equal(views[0], views[1])
@@ -223,7 +216,7 @@ def test_batched_views_run_on_the_images_device_with_one_view_per_recipe():
 
 
 def test_identity_recipe_gives_the_normalised_input():
-    images = images_u8()
+    images = random_images(6)
     (view,) = BatchedViews([identity_recipe(32)])(images)
     expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
