@@ -19,9 +19,12 @@ from ssl_train.evaluate import (
     embedding_std,
     evaluate_backbone,
     extract_features,
+    fitted_knn_k,
     knn_accuracy,
     knn_predict,
+    knn_protocol,
     linear_probe_accuracy,
+    pixel_knn_accuracy,
 )
 
 
@@ -82,6 +85,21 @@ def test_knn_k_is_clipped_to_the_train_set(digits):
     huge = knn_predict(train, train_labels, test, num_classes=10, k=10_000)
     exact = knn_predict(train, train_labels, test, num_classes=10, k=len(train))
     assert torch.equal(huge, exact)
+
+
+def test_fitted_k_is_clipped_to_the_smallest_class():
+    labels = torch.tensor([0] * 5 + [1] * 30 + [2] * 12 + [-1] * 3)  # -1: unlabeled, not a class
+    assert fitted_knn_k(20, labels) == 5
+    assert fitted_knn_k(3, labels) == 3
+    assert fitted_knn_k(200, torch.tensor([0] * 300 + [1] * 250)) == 200
+    assert knn_protocol(EvalConfig(), labels) == "kNN k=5 (eval.knn_k=20 clipped to the smallest class) T=0.07"
+    assert knn_protocol(EvalConfig(knn_k=3), labels) == "kNN k=3 T=0.07"
+
+
+def test_default_protocol_is_fitted_k20_at_t007():
+    """The default kNN monitor is k=20, T=0.07, not the ImageNet k=200, T=0.1 (which blurs ~100-a-class sets)."""
+    config = EvalConfig()
+    assert (config.knn_k, config.knn_temperature) == (20, 0.07)
 
 
 def test_knn_worked_example_on_the_circle():
@@ -217,3 +235,34 @@ def test_knn_vote_is_stable_at_a_tiny_temperature():
     for temperature in (1.0, 0.1, 0.01, 1e-4):
         assert knn_predict(train, labels, query, num_classes=2, k=3, temperature=temperature).tolist() == [1]
     assert torch.isinf(torch.tensor(1.0 / 0.01).exp())  # the overflow the shift avoids
+
+
+def test_evaluation_and_pixel_baseline_use_the_fitted_k():
+    """40 images of class 0 (left half lit) and 2 of class 1 (right half lit). At a near-uniform vote (T=100)
+    an unclipped k=20 outvotes every class-1 query with class-0 neighbours; k fitted to the smallest class (2)
+    gets them all right, for the backbone's features and for raw pixels alike."""
+    generator = torch.Generator().manual_seed(0)
+
+    def lit(half: int, count: int) -> torch.Tensor:
+        images = torch.zeros(count, 3, 8, 8, dtype=torch.uint8)
+        images[..., half * 4:(half + 1) * 4] = torch.randint(200, 256, (count, 3, 8, 4), generator=generator,
+                                                             dtype=torch.uint8)
+        return images
+
+    def labeled(images: list[torch.Tensor], labels: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(images=torch.cat(images), labels=torch.tensor(labels))
+
+    splits = SimpleNamespace(
+        eval_train=labeled([lit(0, 40), lit(1, 2)], [0] * 40 + [1] * 2),
+        test=labeled([lit(0, 5), lit(1, 5)], [0] * 5 + [1] * 5), num_classes=2,
+    )
+    config = EvalConfig(knn_temperature=100.0)
+    assert fitted_knn_k(config.knn_k, splits.eval_train.labels) == 2
+    assert pixel_knn_accuracy(splits, config) == 1.0
+    backbone = nn.Sequential(nn.AdaptiveAvgPool2d((1, 2)), nn.Flatten())  # left and right means per channel
+    assert evaluate_backbone(backbone, splits, config, split="test")["test_knn_acc"] == 1.0
+    # the same features and pixels at an unclipped k=20: the two class-1 neighbours are outvoted
+    pixels = splits.eval_train.images.flatten(1).float()
+    unclipped = knn_accuracy(pixels, splits.eval_train.labels, splits.test.images.flatten(1).float(),
+                             splits.test.labels, num_classes=2, k=20, temperature=100.0)
+    assert unclipped == 0.5

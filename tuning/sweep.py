@@ -516,10 +516,10 @@ class SweepOutcome:
 
 def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
     """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds)."""
-    from ssl_train.evaluate import evaluate_backbone, pixel_knn_accuracy
+    from ssl_train.evaluate import evaluate_backbone, knn_protocol, pixel_knn_accuracy
     from ssl_train.loop import build_model
 
-    protocol = f"kNN k={base.eval.knn_k} T={base.eval.knn_temperature}"
+    protocol = knn_protocol(base.eval, splits.eval_train.labels)
     random_init = [
         evaluate_backbone(build_model(base.replace({"seed": base.seed + index})).backbone, splits, base.eval,
                           split="test")[f"test_{objective}"]
