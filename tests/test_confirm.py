@@ -1,4 +1,5 @@
-"""Confirmation arithmetic on fixed numbers: which configs, the grid of runs, Welch's interval and the verdict."""
+"""Confirmation arithmetic on fixed numbers: which configs, the grid of runs, the paired and Welch intervals and
+the verdict."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import pandas as pd
 import pytest
 
 from search_spaces import load_space
-from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, Margin, candidates, confirmation_grid, welch_margin
+from tuning.confirm import (
+    DEFAULT_CANDIDATE,
+    Confirmation,
+    Margin,
+    candidates,
+    confirmation_grid,
+    paired_margin,
+    welch_margin,
+)
 
 
 def test_welch_interval_matches_the_formula_on_fixed_numbers():
@@ -25,6 +34,45 @@ def test_welch_interval_matches_the_formula_on_fixed_numbers():
     half = stats.t.ppf(0.975, df) * se
     assert (margin.low, margin.high) == pytest.approx((0.10 - half, 0.10 + half))
     assert margin.low == pytest.approx(0.0452, abs=1e-3) and margin.significant
+
+
+def test_paired_interval_matches_a_hand_computation():
+    """The issue's per-seed differences +9.2, +5.0, +7.8 points: Welch's interval includes 0, the paired one does not.
+
+    d = (0.092, 0.050, 0.078): mean 0.0733, sd 0.021385, se = sd / sqrt(3) = 0.012347,
+    t_{0.975, 2} = 4.302653, half-width 0.053124 -> [0.0202, 0.1265].
+    """
+    winner, default = [0.880, 0.830, 0.852], [0.788, 0.780, 0.774]
+    paired = paired_margin(winner, default)
+    assert paired.method == "paired t"
+    assert paired.difference == pytest.approx(0.073333, abs=1e-6)
+    assert (paired.low, paired.high) == pytest.approx((0.073333 - 0.053124, 0.073333 + 0.053124), abs=1e-5)
+    assert paired.significant
+    welch = welch_margin(winner, default)
+    assert welch.method == "Welch's t" and welch.difference == pytest.approx(paired.difference)
+    assert welch.high - welch.low > paired.high - paired.low
+    with pytest.raises(ValueError, match="one default score per winner score"):
+        paired_margin([0.8, 0.9], [0.7])
+
+
+def test_confirmation_pairs_by_seed_and_falls_back_to_welch_when_seeds_differ():
+    def runs(default_status: str) -> pd.DataFrame:
+        return pd.DataFrame([
+            *[{"candidate": "trial_a", "seed": s, "val": 0.9, "test": t, "status": "finished"}
+              for s, t in zip((10, 11, 12), (0.880, 0.830, 0.852), strict=True)],
+            # the default's rows in another order: pairing is by seed, not by row
+            *[{"candidate": "default", "seed": s, "val": 0.8, "test": t,
+               "status": default_status if s == 11 else "finished"}
+              for s, t in zip((12, 10, 11), (0.774, 0.788, 0.780), strict=True)],
+        ])
+
+    paired = Confirmation(runs("finished"), "knn_acc")
+    assert paired.margin().method == "paired t"
+    assert paired.margin().low == pytest.approx(0.073333 - 0.053124, abs=1e-5)
+    assert "(paired t, 3 seeds each)" in paired.format({})
+    unpaired = Confirmation(runs("failed"), "knn_acc")  # seed 11 of the default failed: no pair for it
+    assert unpaired.margin().method == "Welch's t"
+    assert "(Welch's t," in unpaired.format({})
 
 
 def test_an_interval_that_includes_zero_is_not_a_win_and_one_seed_gives_none():

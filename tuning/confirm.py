@@ -7,6 +7,11 @@ and the augmentations), picks the winner by its mean **val** score, and only the
 **test** split: the test mean ± std of each config, and the winner's margin over the default with
 a 95 % interval (Welch's t over seeds). This module holds the pure parts: which configs, the grid of
 runs, and the arithmetic; :mod:`tuning.sweep` runs the grid as Tune trials.
+
+Every config is trained with the same seeds (``base_seed + i``): seed i of the winner and seed i of the
+default start from the same initial weights, data order and augmentation stream. The margin then uses
+the per-seed differences (a paired t interval), which removes the spread the seeds share; Welch's t over
+the two groups is the fallback when the configs do not have the same finished seeds.
 """
 
 from __future__ import annotations
@@ -62,11 +67,12 @@ def confirmation_grid(chosen: dict[str, dict[str, Any]], seeds: int, base_seed: 
 
 @dataclass
 class Margin:
-    """Winner minus default on test: the mean difference and its 95 % interval (Welch's t)."""
+    """Winner minus default on test: the mean difference and its 95 % interval (paired or Welch's t)."""
 
     difference: float
     low: float
     high: float
+    method: str = "Welch's t"
 
     @property
     def significant(self) -> bool:
@@ -97,6 +103,31 @@ def welch_margin(winner: list[float], default: list[float], confidence: float = 
     return Margin(difference, float(interval.low), float(interval.high))
 
 
+def paired_margin(winner: list[float], default: list[float], confidence: float = 0.95) -> Margin:
+    """Mean of the per-seed differences ``winner[i] - default[i]`` with the paired t interval
+    ``mean(d) ± t_{n-1} sd(d) / sqrt(n)``; an infinite interval with fewer than 2 pairs."""
+    if len(winner) != len(default):
+        raise ValueError(f"a paired interval needs one default score per winner score, got {len(winner)} "
+                         f"and {len(default)}")
+    d = np.asarray(winner, dtype=float) - np.asarray(default, dtype=float)
+    difference = float(d.mean()) if len(d) else math.nan
+    if len(d) < 2:
+        return Margin(difference, -math.inf, math.inf, "paired t")
+    if d.var(ddof=1) == 0:  # the same difference at every seed: the interval is the point
+        return Margin(difference, difference, difference, "paired t")
+    interval = stats.ttest_1samp(d, 0.0).confidence_interval(confidence)
+    return Margin(difference, float(interval.low), float(interval.high), "paired t")
+
+
+def seed_margin(winner: pd.Series, default: pd.Series, confidence: float = 0.95) -> Margin:
+    """Winner minus default from test scores indexed by seed: paired t when both have the same seeds,
+    Welch's t otherwise (a seed failed or is missing on one side)."""
+    if len(winner) >= 2 and set(winner.index) == set(default.index):
+        seeds = sorted(winner.index)
+        return paired_margin(winner[seeds].tolist(), default[seeds].tolist(), confidence)
+    return welch_margin(winner.tolist(), default.tolist(), confidence)
+
+
 @dataclass
 class Confirmation:
     """The confirmation runs of one sweep, summarised per config."""
@@ -118,12 +149,13 @@ class Confirmation:
         """The config with the best mean val over its seeds (test plays no part in the choice)."""
         return str(self.summary().iloc[0]["candidate"])
 
-    def test_scores(self, candidate: str) -> list[float]:
+    def test_scores(self, candidate: str) -> pd.Series:
+        """The finished runs' test scores of ``candidate``, indexed by seed."""
         rows = self.runs[(self.runs["candidate"] == candidate) & (self.runs["status"] == Status.FINISHED)]
-        return rows["test"].tolist()
+        return rows.set_index("seed")["test"]
 
     def margin(self) -> Margin:
-        return welch_margin(self.test_scores(self.winner), self.test_scores(DEFAULT_CANDIDATE))
+        return seed_margin(self.test_scores(self.winner), self.test_scores(DEFAULT_CANDIDATE))
 
     def format(self, baselines: dict[str, tuple[float, float]]) -> str:
         """The table, the baselines, the margin and the verdict, as printed at the end of a sweep."""
@@ -135,6 +167,6 @@ class Confirmation:
         seeds = int(table["seeds"].min()) if len(table) else 0
         lines.append(f"winner (best mean val): {self.winner}; margin over the default on test: "
                      f"{margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, {margin.high:+.4f}] "
-                     f"(Welch's t, {seeds} seeds each)")
+                     f"({margin.method}, {seeds} seeds each)")
         lines.append(margin.verdict(self.winner))
         return "\n".join(lines)

@@ -514,6 +514,9 @@ class SweepOutcome:
     model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
 
 
+BASELINE_KEYS = ("raw_pixels", "random_init")  # the MLflow names of what baselines() returns, in its order
+
+
 def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
     """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds)."""
     from ssl_train.evaluate import evaluate_backbone, knn_protocol, pixel_knn_accuracy
@@ -567,9 +570,11 @@ def finish_sweep(
                 "confirm_margin_high": margin.high,
                 f"winner_test_{settings.objective}": summary.loc[confirmation.winner, "test_mean"],
                 f"default_test_{settings.objective}": summary.loc[DEFAULT_CANDIDATE, "test_mean"],
-                **{f"baseline_{i}_test": mean for i, (mean, _) in enumerate(reference.values())},
+                **{f"baseline_{name}_test": mean for name, (mean, _) in zip(BASELINE_KEYS, reference.values(),
+                                                                             strict=True)},
             }.items() if np.isfinite(value)])
         client.set_tag(report.parent_id, "ssl_tune.winner", confirmation.winner)
+        client.set_tag(report.parent_id, "ssl_tune.margin_interval", margin.method)
         confirmation.runs.to_csv(path / "confirmation.csv", index=False)
         artifacts = [path / "confirmation.csv"]
         weights = _checkpoints(confirm or [])
