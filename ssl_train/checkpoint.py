@@ -43,7 +43,8 @@ def _as_tuple(value: Any) -> Any:
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path, epoch: int, keep: int = 2) -> Path:
-    """Write ``state`` as ``directory/epoch_XXXX/state.pt`` atomically; keep the newest ``keep``."""
+    """Write ``state`` as ``directory/epoch_XXXX/state.pt`` atomically; keep it and the ``keep - 1`` newest
+    older epochs (``keep <= 0``: keep all). A checkpoint of a later epoch than ``epoch`` is never deleted."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{epoch:04d}"
@@ -52,17 +53,25 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, epoch: int, ke
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+    older = [p for p in list_checkpoints(directory) if checkpoint_epoch(p) < epoch]
+    for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoint_epoch(path: str | Path) -> int:
+    """``.../epoch_0012`` -> 12."""
+    return int(Path(path).name.removeprefix(PREFIX))
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first (staging dirs are ignored)."""
+    """Complete checkpoints in ``directory``, oldest epoch first (staging dirs are ignored)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit()
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_epoch)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

@@ -11,6 +11,7 @@ start-up to pay) and under Ray Train otherwise. Either way the run directory end
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,29 @@ from torch import nn
 
 from ssl_train.backbones import build_backbone
 from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
-from ssl_train.config import TrainConfig, load_config
+from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import DatasetSplits
 from ssl_train.embedding import EmbeddingModel
 from ssl_train.loop import RunOutcome, WorkerContext, build_model, in_process_device, train_loop
 from ssl_train.status import Status
 
 BACKBONE_FILE = "backbone.pt"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", BACKBONE_FILE)  # what a run leaves in its folder
+
+
+def previous_run(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> list[Path]:
+    """The files of a previous run in ``output_dir``, which ``overwrite`` may replace and ``resume`` continue.
+
+    Raises :class:`ConfigError` (one line, naming the folder and both flags) when there are some and neither
+    flag is given, or when both are: training over an old run would mix its checkpoints with the new ones.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run in the folder, or replace it")
+    found = [Path(output_dir) / name for name in RUN_FILES if (Path(output_dir) / name).exists()]
+    if found and not (resume or overwrite):
+        raise ConfigError(f"run folder '{output_dir}' holds a previous run ({', '.join(p.name for p in found)}); "
+                          "continue it with --resume, replace it with --overwrite, or choose another --output")
+    return found
 
 
 def export_backbone(checkpoint: str | Path, config: TrainConfig, destination: str | Path) -> Path:
@@ -66,6 +83,7 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     show_progress: bool = False,
     address: str | None = None,
@@ -73,18 +91,24 @@ def train(
 ) -> RunOutcome:
     """Train one model with one config; ``resume`` continues from the run directory's last checkpoint.
 
-    ``splits`` (already loaded data) saves loading it again for an in-process run.
+    A run directory that holds a previous run is refused (:func:`previous_run`) unless ``resume`` continues
+    it or ``overwrite`` first deletes its files. ``splits`` (already loaded data) saves loading it again for
+    an in-process run.
     """
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
+    old_files = previous_run(output_dir, resume, overwrite)
     start_from = latest_checkpoint(checkpoint_dir) if resume else None
     if resume and start_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint under '{checkpoint_dir}'; run without --resume to start")
+    for path in old_files if overwrite else []:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / "config.yaml")
     metrics_file = output_dir / "metrics.jsonl"
-    if start_from is None:
-        metrics_file.unlink(missing_ok=True)
 
     def record(metrics: dict[str, Any], _checkpoint: Path | None = None) -> None:
         with metrics_file.open("a") as stream:

@@ -62,3 +62,25 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nope")
+
+
+def test_saving_into_an_older_runs_layout_keeps_the_new_checkpoint(tmp_path):
+    """A 1-epoch run written where a 3-epoch run left epochs 2 and 3: epoch 1 is what was just written."""
+    for epoch in (2, 3):
+        save_checkpoint({"run": "old", "epoch": epoch}, tmp_path, epoch, keep=2)
+    written = save_checkpoint({"run": "new", "epoch": 1}, tmp_path, 1, keep=2)
+    assert load_checkpoint(written) == {"run": "new", "epoch": 1}
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_0001", "epoch_0002", "epoch_0003"]
+
+
+def test_rotation_compares_epoch_numbers_not_names(tmp_path):
+    for epoch in (9998, 9999, 10000, 10001):  # by name, epoch_10000 sorts before epoch_9998
+        save_checkpoint({"epoch": epoch}, tmp_path, epoch, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_10000", "epoch_10001"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 10001
+
+
+def test_keep_one_leaves_only_the_newest(tmp_path):
+    for epoch in range(1, 4):
+        save_checkpoint({"epoch": epoch}, tmp_path, epoch, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_0003"]

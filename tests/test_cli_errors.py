@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_loop import TINY
 
+from ssl_train.checkpoint import list_checkpoints, load_checkpoint
+from ssl_train.config import ConfigError, load_config
+from ssl_train.run import train
 from tuning.cli import main
 
 SPACE_HEAD = "description: a broken space\n"
@@ -62,3 +68,28 @@ def test_config_space_data_and_tracking_errors_are_one_line_from_the_command(tmp
         str(tmp_path / "empty"))
     assert_one_line_error(ssl_tune("tune", "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path),
                           "http://127.0.0.1:9 is not reachable")
+
+
+def test_train_into_a_previous_run_is_refused_before_data_loads_and_overwrite_replaces_it(tmp_path):
+    """A 2-epoch run, then a 1-epoch run into the same folder: refused (one line, no work), or, with --overwrite,
+    a clean 1-epoch run (no stale epoch_0002 beside it)."""
+    out = tmp_path / "run"
+    common = ["--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+              *sum((["--set", o] for o in [*TINY, "optim.warmup_epochs=0"]), [])]
+    assert main(["train", *common, "--set", "optim.epochs=2"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    refused = ssl_tune("train", *common, "--set", "optim.epochs=1", cwd=tmp_path)
+    assert_one_line_error(refused, str(out), "--resume", "--overwrite")
+    assert refused.stdout == ""  # no data summary, no "training ..." line: refused before any work
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(ConfigError, match="--overwrite"):  # the Python API refuses the same way
+        train(load_config(overrides=[*TINY, "optim.epochs=1", "optim.warmup_epochs=0", f"output_dir={out}"]))
+
+    assert main(["train", *common, "--set", "optim.epochs=1", "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["epoch_0001"]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert load_config(out / "config.yaml").optim.epochs == 1
+    weights = torch.load(out / "backbone.pt", weights_only=True)  # the new run's weights, from its checkpoint
+    method = load_checkpoint(out / "checkpoints" / "epoch_0001")["method"]
+    assert all(torch.equal(value, method[f"backbone.{key}"]) for key, value in weights.items())

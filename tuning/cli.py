@@ -75,11 +75,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ssl_train.config import check_batch_fits
     from ssl_train.data import load_splits
-    from ssl_train.run import train
+    from ssl_train.run import previous_run, train
     from tuning.tracking import RunTracker, default_tracking_uri, git_commit
 
     extra = {"output_dir": str(args.output)} if args.output else {}
     config = config_from_args(args, extra)
+    previous_run(config.output_dir, args.resume, args.overwrite)  # refused before any data loads
     splits = load_splits(config.data)
     print(splits.summary())
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
@@ -95,8 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"training {config.method} on {config.data.source}, {config.optim.epochs} epochs -> {config.output_dir}")
     try:
-        summary = train(config, resume=args.resume, on_epoch=on_epoch, show_progress=sys.stderr.isatty(),
-                        address=args.address, splits=splits)
+        summary = train(config, resume=args.resume, overwrite=args.overwrite, on_epoch=on_epoch,
+                        show_progress=sys.stderr.isatty(), address=args.address, splits=splits)
     except BaseException as error:
         tracker.end_run(run_id, Status.FAILED, f"{type(error).__name__}: {error}"[:500])
         raise
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.add_argument("--output", type=Path, help="run directory (default: config output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete a previous run in the run directory first (without it, or --resume, it is refused)")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     train.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
     train.add_argument("--register", metavar="NAME", help="register the trained model as a version of NAME "
