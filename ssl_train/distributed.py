@@ -89,6 +89,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> RunOutcome:
             world_size=context.get_world_size(),
             device=ray.train.torch.get_device(),
             checkpoint_dir=Path(staging),
+            keep_checkpoints=1,  # ray.train.report has stored it by the time the next one is written
         )
         result = train_loop(config, report, worker, checkpoint=state, streamed=streamed)
     return dataclasses.replace(result, method=None, checkpoint=None)  # the driver gets the checkpoint from Ray
@@ -102,11 +103,13 @@ def build_trainer(
     resume_from: Path | None = None,
     callbacks: Sequence[Any] = (),
     progress: Queue | None = None,
+    keep_checkpoints: int = 2,
 ) -> TorchTrainer:
     """A TorchTrainer running :func:`train_loop` for ``config`` (used by ``fit`` and by multi-worker Tune trials).
 
     ``progress``, when given, receives rank 0's metrics after every epoch. With ``data.streaming``
-    the SSL-train rows reach the workers as a Ray Dataset split over them.
+    the SSL-train rows reach the workers as a Ray Dataset split over them. Ray keeps the newest
+    ``keep_checkpoints`` checkpoints in ``storage``.
     """
     streaming = config.data.streaming
     return TorchTrainer(
@@ -123,7 +126,7 @@ def build_trainer(
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )

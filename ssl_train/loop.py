@@ -50,6 +50,7 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     checkpoint_dir: Path | None = None
     show_progress: bool = False
+    keep_checkpoints: int = 2  # in checkpoint_dir; 1 where Ray persists each (a staging directory)
 
     @property
     def is_main(self) -> bool:
@@ -359,7 +360,8 @@ class Trainer:
             self.state.epoch = epoch + 1
             if status != Status.DIVERGED and self.context.checkpoint_dir is not None and self.context.is_main:
                 last_checkpoint = save_checkpoint(self.state.state_dict(self.config, self.context.world_size),
-                                                  self.context.checkpoint_dir, epoch + 1)
+                                                  self.context.checkpoint_dir, epoch + 1,
+                                                  keep=self.context.keep_checkpoints)
             self.report(metrics, last_checkpoint if self.context.is_main else None)
             if status != Status.FINISHED:
                 break

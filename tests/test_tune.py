@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,15 @@ def test_sweep_selects_on_val_and_confirms_on_test_with_a_real_mlflow_server(
     report = load_report(mlflow_server, "logged", "ssl-tune-test")
     assert list(report.table["objective"]) == sorted(report.table["objective"], reverse=True)
 
+    # Disk: a trial keeps its newest checkpoint only, a pruned or diverged one none (the winner's weights are
+    # in MLflow, asserted above).
+    sweep_dir = tmp_path / "sweeps" / "logged"
+    for run in [*runs, *confirmed]:
+        folder = next(sweep_dir.glob(f"**/trial_{run.data.tags[TRIAL_TAG]}"))
+        assert len(list(folder.rglob("state.pt"))) == (run.data.tags[STATUS_TAG] == "finished"), folder
+    assert outcome.dropped_checkpoints == by_status.get("pruned", 0)  # a diverged trial never wrote one
+    assert f"sweep folder {sweep_dir}: " in outcome.disk_line()
+
 
 def test_resume_with_more_trials_extends_a_finished_sweep_and_reruns_none(
     ray_cluster, tmp_path, space_file, monkeypatch
@@ -207,6 +217,10 @@ def test_collapsing_trial_is_stopped_and_recorded_as_collapsed(ray_cluster, tmp_
     (run,) = children(MlflowClient(uri), "collapse")
     assert run.data.tags[STATUS_TAG] == "collapsed" and "embedding std" in run.data.tags[REASON_TAG]
     assert run.data.metrics["epoch"] == 2  # stopped after the grace epoch, not trained to 4
+    trial_dir = tmp_path / "sweeps" / "collapse" / f"trial_{run.data.tags[TRIAL_TAG]}"
+    assert len(list(trial_dir.rglob("state.pt"))) == 1  # its newest checkpoint only, while the sweep runs
+    assert finish_sweep(settings, results).dropped_checkpoints == 1
+    assert not list(trial_dir.rglob("state.pt"))  # deleted when the sweep ends: a collapsed model is of no use
 
 
 def _non_loopback_address() -> str | None:
@@ -262,7 +276,7 @@ def test_time_budget_ends_the_sweep_with_a_report(ray_cluster, tmp_path, space_f
     results, confirm = run_sweep(settings)
     assert 1 <= len(results) < 200 and confirm is None  # the budget, not the trial count, ended it
     outcome = finish_sweep(settings, results)
-    assert outcome.best_config_path.exists() and "objective" in outcome.table_text
+    assert outcome.best_config_path.exists() and "val knn_acc at last epoch" in outcome.table_text
 
 
 def _sweep_command(tmp_path: Path, address: str, *extra: str) -> list[str]:
@@ -360,10 +374,19 @@ def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_c
     # 4 search + 4 confirmation trials: a line each, a few summary lines, the report. The 12 + 9 trials of
     # the default demo add one line per trial, which keeps it within about 80 lines.
     assert len(lines) <= 60, "\n".join(lines)
-    assert sum("trial " in line and " epochs  best objective" in line for line in lines) == 4 + 4
+    assert sum("trial " in line and " epochs  val knn_acc at last epoch " in line for line in lines) == 4 + 4
     assert not [line for line in lines if "Checkpoint successfully created" in line or "╭" in line]
     log = tmp_path / "sweeps" / "quiet" / "sweep.log"
     assert f"full log: {log}" in done.stdout and log.stat().st_size > 0
+    # One story: the search's last summary names as current best the trial that heads the table, by one value.
+    search_lines = lines[:next(i for i, line in enumerate(lines) if line.startswith("confirming "))]
+    leader = [line for line in search_lines if "current best: trial " in line][-1]
+    assert "val knn_acc at last epoch" in leader
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("search trials of quiet")) + 1:]
+    assert "val knn_acc at last epoch" in table[0]  # the ranking column's header says what it is
+    assert leader.split("current best: trial ")[1].split(",")[0] == table[1].split()[0]
+    assert re.match(rf"sweep folder {re.escape(str(tmp_path / 'sweeps' / 'quiet'))}: \d+\.\d MB",
+                    done.stdout.splitlines()[-1])
 
 
 def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable_mlflow_server, tmp_path):

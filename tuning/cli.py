@@ -216,7 +216,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
         confirm=not args.no_confirm, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
-        register=args.register,
+        register=args.register, keep_checkpoints=args.keep_checkpoints,
     )
     interruption = Interruption()
     search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
@@ -224,8 +224,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} --storage {args.storage}")
         return 130
     outcome = finish_sweep(settings, search, confirm)
-    print(f"\nsearch trials of {outcome.name} (objective: val {settings.objective}, the split the search selected "
-          f"on; optimistic for the best trial):\n{outcome.table_text}\n")
+    print(f"\nsearch trials of {outcome.name}, best first by val {settings.objective} at each trial's last epoch, "
+          f"0 when diverged or collapsed (the split the search selected on; optimistic for the best trial):\n"
+          f"{outcome.table_text}\n")
     if outcome.confirmation_text:
         print(f"confirmation on the untouched test split:\n{outcome.confirmation_text}\n")
     else:
@@ -236,6 +237,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if outcome.model_uri:
         print(f"MLflow Model of the winner: {outcome.model_uri}  (ssl-tune embed {outcome.model_uri} IMAGES)")
     print(f"Optuna study: optuna-dashboard sqlite:///{outcome.path / 'optuna.db'}")
+    print(outcome.disk_line())
     return 0
 
 
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip confirmation: no test score, the best search trial by val is the result")
     tune.add_argument("--register", metavar="NAME", help="register the confirmed winner's model as a version of "
                       "NAME (alias best, tagged with the sweep and its val/test scores)")
+    tune.add_argument("--keep-checkpoints", action="store_true",
+                      help="keep the checkpoints of pruned, collapsed, diverged and failed trials (each trial keeps "
+                      "its newest only; by default these are deleted when the sweep ends)")
     tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
 
     embed = commands.add_parser("embed", help="embeddings of a folder or Parquet file of images, as Parquet")

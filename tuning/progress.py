@@ -3,10 +3,11 @@
 Tune's own output prints a box for every trial's config and result, and Ray forwards every
 worker's log line; a 12-trial demo printed hundreds of lines. :class:`CompactReporter` (a Tune
 ``ProgressReporter``, used with the classic output engine, ``RAY_AIR_NEW_OUTPUT=0``) prints a line
-when a trial ends (status, epochs, its best objective, its searched values) and a summary line
-at an interval. "Best" is the best value a trial reached over its epochs, not its last. Tune's
-full status table and Ray's INFO logs go to ``sweep.log`` in the sweep directory
-(:func:`log_to_file`).
+when a trial ends (status, epochs, its objective, its searched values) and a summary line at an
+interval naming the current best trial. The value on both is the one the sweep's table ranks by and
+confirmation picks from: the objective a trial reported last, i.e. val at its last epoch (0 for a
+diverged or collapsed trial), not its maximum over epochs. Tune's full status table and Ray's INFO logs
+go to ``sweep.log`` in the sweep directory (:func:`log_to_file`).
 """
 
 from __future__ import annotations
@@ -20,22 +21,33 @@ from ray.tune import ProgressReporter
 from ray.tune.experiment import Trial
 
 from ssl_train.status import Status
-from tuning.tracking import trial_outcome
+from tuning.tracking import RANKED_BY, trial_outcome
 
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
 
 
-def best_value(trial: Trial, metric: str) -> float | None:
-    """The best (max) value of ``metric`` the trial reported over its epochs."""
-    analysis = trial.metric_analysis.get(metric)
-    return None if not analysis else float(analysis["max"])
+def last_value(trial: Trial, metric: str) -> float | None:
+    """The value of ``metric`` the trial reported last: what the sweep's table ranks trials by."""
+    value = (trial.last_result or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def rank_key(trial: Trial, metric: str) -> tuple[float, int]:
+    """The table's order (:func:`tuning.report.load_report`): the last value, then the epochs reached."""
+    return last_value(trial, metric) or 0.0, (trial.last_result or {}).get("epoch", 0)
 
 
 class CompactReporter(ProgressReporter):
-    """A line per ended trial and a summary line every ``interval_s``; the full table goes to ``log``."""
+    """A line per ended trial and a summary line every ``interval_s``; the full table goes to ``log``.
 
-    def __init__(self, metric: str, label: Any, interval_s: float = 60.0, log: logging.Logger | None = None) -> None:
+    ``metric`` is the reported key (``objective``) and ``objective`` the accuracy it holds (``knn_acc``),
+    which the printed label names.
+    """
+
+    def __init__(self, metric: str, label: Any, objective: str, interval_s: float = 60.0,
+                 log: logging.Logger | None = None) -> None:
         self.metric = metric
+        self.value_label = RANKED_BY.format(objective=objective)
         self.label = label  # trial -> the short text that names its searched values
         self.interval_s = interval_s
         self.log = log or logging.getLogger("ssl_tune.sweep")
@@ -53,10 +65,10 @@ class CompactReporter(ProgressReporter):
         for trial in self.pending:
             self.reported.add(trial.trial_id)
             status = Status.FAILED if trial.status == Trial.ERROR else trial_outcome(trial.last_result or {}, None)[0]
-            best = best_value(trial, self.metric)
+            last = last_value(trial, self.metric)
             epochs = (trial.last_result or {}).get("epoch", 0)
-            value = f"{best:.4f}" if best is not None else "-"
-            print(f"  trial {trial.trial_id:<14} {status:<9} {epochs:>3} epochs  best {self.metric} {value}  "
+            value = f"{last:.4f}" if last is not None else "-"
+            print(f"  trial {trial.trial_id:<14} {status:<9} {epochs:>3} epochs  {self.value_label} {value}  "
                   f"{self.label(trial)}", flush=True)
         self.pending = []
         now = time.monotonic()
@@ -64,16 +76,16 @@ class CompactReporter(ProgressReporter):
             self.last_summary = now
             print(self._summary(trials, now), flush=True)
         self.log.info("trials:\n%s", "\n".join(
-            f"{t.trial_id} {t.status} epoch={(t.last_result or {}).get('epoch')} best={best_value(t, self.metric)} "
-            f"{t.config}" for t in trials))
+            f"{t.trial_id} {t.status} epoch={(t.last_result or {}).get('epoch')} last={last_value(t, self.metric)} "
+            f"max over epochs={(t.metric_analysis.get(self.metric) or {}).get('max')} {t.config}" for t in trials))
 
     def _summary(self, trials: list[Trial], now: float) -> str:
         counts = {status: sum(t.status == status for t in trials) for status in (Trial.RUNNING, Trial.PENDING)}
         ended = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
-        scored = [(best_value(t, self.metric), t) for t in trials]
-        scored = [(value, t) for value, t in scored if value is not None]
-        best = max(scored, key=lambda pair: pair[0], default=None)
-        best_text = f"; current best {best[0]:.4f} (trial {best[1].trial_id})" if best else ""
+        scored = [t for t in trials if last_value(t, self.metric) is not None]
+        best = max(scored, key=lambda t: rank_key(t, self.metric), default=None)
+        best_text = (f"; current best: trial {best.trial_id}, {self.value_label} {last_value(best, self.metric):.4f}"
+                     if best else "")
         minutes, seconds = divmod(int(now - self.started), 60)
         return (f"[{minutes}m{seconds:02d}s] {ended} ended, {counts[Trial.RUNNING]} running, "
                 f"{counts[Trial.PENDING]} pending{best_text}")

@@ -28,6 +28,7 @@ from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
     DEFAULT_TAG,
+    RANKED_BY,
     REASON_TAG,
     STAGE_TAG,
     STATUS_TAG,
@@ -150,9 +151,11 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
 
 
 def format_table(report: SweepReport, top: int = 10) -> str:
+    """The ``top`` search trials in the order that ranks them, the ranking value's column named for what it is."""
     columns = ["trial", OBJECTIVE, "epochs", "status", *report.space.searched_keys()]
     shown = report.table[[c for c in columns if c in report.table]].head(top)
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    ranked_by = RANKED_BY.format(objective=report.parent_params.get("sweep.objective", "knn_acc"))
+    return shown.rename(columns={OBJECTIVE: ranked_by}).to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def load_study(report: SweepReport, tracking_uri: str) -> optuna.Study | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import pyarrow.fs as pafs
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from optuna.exceptions import UpdateFinishedTrialError
@@ -53,7 +54,7 @@ from tuning.tracking import (
     git_commit,
     trial_outcome,
 )
-from tuning.trial import OBJECTIVE, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial_config
+from tuning.trial import OBJECTIVE, TRIAL_CHECKPOINTS, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial_config
 
 SETTINGS_FILE = "ssl_tune_sweep.json"
 STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
@@ -92,6 +93,7 @@ class SweepSettings:
     confirm_seeds: int = 3
     extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
     register: str | None = None  # register the winner's MLflow Model under this name
+    keep_checkpoints: bool = False  # keep the checkpoints of pruned, collapsed, diverged and failed trials
 
     def base_config(self) -> TrainConfig:
         """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
@@ -299,9 +301,11 @@ class _Stage:
             name=name,
             storage_path=storage,
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS),
             callbacks=[self.callback(stage, name)],
             verbose=1,
-            progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label),
+            progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label,
+                                              settings.objective),
         )
 
 
@@ -345,6 +349,9 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    # Each trial keeps 1 checkpoint, so each one forces a state save (a resume never points at a deleted
+    # checkpoint); small files, but Tune warns about it on every epoch. Not a problem here: no warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic engine, which uses our CompactReporter
     path = sweep_path(settings)
     log_to_file(path / LOG_FILE)
@@ -499,6 +506,7 @@ def load_settings(settings: SweepSettings) -> SweepSettings:
     saved.tracking_uri = settings.tracking_uri or saved.tracking_uri
     saved.address = settings.address
     saved.trials = max(saved.trials, settings.trials or 0)  # --trials N on a resume extends the search to N
+    saved.keep_checkpoints = settings.keep_checkpoints
     return saved
 
 
@@ -512,6 +520,13 @@ class SweepOutcome:
     margin: Margin | None
     parent_run_id: str
     model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
+    dropped_checkpoints: int = 0  # trials whose checkpoints were deleted (pruned, collapsed, diverged, failed)
+
+    def disk_line(self) -> str:
+        """The sweep folder's size, and which checkpoints were deleted to keep it small."""
+        dropped = (f"; deleted the checkpoints of {self.dropped_checkpoints} pruned/collapsed/diverged/failed trials "
+                   "(--keep-checkpoints keeps them)" if self.dropped_checkpoints else "")
+        return f"sweep folder {self.path}: {folder_size(self.path) / 1e6:.1f} MB{dropped}"
 
 
 BASELINE_KEYS = ("raw_pixels", "random_init")  # the MLflow names of what baselines() returns, in its order
@@ -607,10 +622,39 @@ def finish_sweep(
         model_uri = log_embedding_model(settings.tracking_uri, run_id, backbone, winner, settings.register, scores)
     client.log_metric(report.parent_id, f"best_search_val_{settings.objective}", float(report.best[OBJECTIVE]))
     client.set_terminated(report.parent_id, "FINISHED")
+    dropped = 0 if settings.keep_checkpoints else drop_discarded_checkpoints(
+        [*search, *(confirm or [])], settings.trial_time_limit_s)
     return SweepOutcome(
         name=settings.name, path=path, table_text=format_table(report), best_config_path=best_config_path,
         confirmation_text=text, margin=margin, parent_run_id=report.parent_id, model_uri=model_uri,
+        dropped_checkpoints=dropped,
     )
+
+
+DISCARDED = (Status.PRUNED, Status.COLLAPSED, Status.DIVERGED, Status.FAILED)  # no later use for their weights
+
+
+def drop_discarded_checkpoints(results: list[tune.Result], time_limit_s: float | None) -> int:
+    """Delete every checkpoint of the trials that ended pruned, collapsed, diverged or failed (Tune's, and a
+    multi-worker trial's Ray Train ones), wherever the storage is; returns how many trials had some."""
+    trials = 0
+    for result in results:
+        status = Status.FAILED if result.error is not None else trial_outcome(result.metrics or {}, time_limit_s)[0]
+        if status not in DISCARDED:
+            continue
+        selector = pafs.FileSelector(result.path, recursive=True, allow_not_found=True)
+        found = sorted(info.path for info in result.filesystem.get_file_info(selector)
+                       if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+        outermost = [path for path in found if not any(path.startswith(f"{other}/") for other in found)]
+        for path in outermost:
+            result.filesystem.delete_dir(path)
+        trials += bool(outermost)
+    return trials
+
+
+def folder_size(path: Path) -> int:
+    """Bytes in the files under ``path``."""
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
 def _checkpoints(results: list[tune.Result] | tune.ResultGrid) -> dict[str, Checkpoint]:

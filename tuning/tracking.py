@@ -370,6 +370,9 @@ class MLflowSweepCallback(LoggerCallback):
         return run_id
 
 
+RANKED_BY = "val {objective} at last epoch"  # what ranks trials and picks confirmation's candidates, as printed
+
+
 def trial_outcome(last_result: dict[str, Any], time_limit_s: float | None) -> tuple[str, str]:
     """ssl-tune's status of a trial that ended, and why, from its last result."""
     status = last_result.get("status", Status.RUNNING)

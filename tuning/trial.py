@@ -31,6 +31,7 @@ from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
 TRIAL_CPU_WHEN_DISTRIBUTED = 0.01  # the trial only waits on its TorchTrainer; 0 is rejected by Tune
+TRIAL_CHECKPOINTS = 1  # checkpoints a trial keeps (its newest): a resume needs no more, and a sweep has many trials
 
 
 def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +76,8 @@ def run_trial(
 
     state = checkpoint_state(tune.get_checkpoint())
     with tempfile.TemporaryDirectory(prefix="ssl-tune-trial-") as staging:
-        context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging))
+        # keep 1: tune.report has stored the checkpoint by the time the next one is written
+        context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging), keep_checkpoints=1)
         train_loop(config, report, context, checkpoint=state, splits=splits)
 
 
@@ -93,7 +95,8 @@ def _run_distributed(config: TrainConfig, objective: str, trial_dir: str) -> Non
     callback = ObjectiveReport()
     callback.last = 0.0
     trainer = build_trainer(
-        config, name="train", storage=str(Path(trial_dir) / "ray-train"), callbacks=[callback]
+        config, name="train", storage=str(Path(trial_dir) / "ray-train"), callbacks=[callback],
+        keep_checkpoints=TRIAL_CHECKPOINTS,
     )
     result = trainer.fit()
     if result.error is not None:
