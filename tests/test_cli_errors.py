@@ -93,3 +93,39 @@ def test_train_into_a_previous_run_is_refused_before_data_loads_and_overwrite_re
     weights = torch.load(out / "backbone.pt", weights_only=True)  # the new run's weights, from its checkpoint
     method = load_checkpoint(out / "checkpoints" / "epoch_0001")["method"]
     assert all(torch.equal(value, method[f"backbone.{key}"]) for key, value in weights.items())
+
+
+BAD_TUNE_ARGUMENTS = {  # arguments -> what the one-line message must name
+    "no trials": (["--trials", "0"], "--trials 0"),
+    "negative trials": (["--trials", "-3"], "--trials -3"),
+    "no epochs": (["--epochs", "0"], "--epochs 0"),
+    "no concurrency": (["--concurrency", "0"], "--concurrency 0"),
+    "negative concurrency": (["--concurrency", "-1"], "--concurrency -1"),
+    "no min epochs": (["--min-epochs", "0"], "--min-epochs 0"),
+    "min epochs above epochs": (["--min-epochs", "5", "--epochs", "2"], "--min-epochs 5"),
+    "negative keep best": (["--keep-best", "-1", "--no-confirm"], "--keep-best -1"),
+    "nan budget": (["--time-budget", "nan"], "'nan'"),
+    "infinite trial limit": (["--trial-time-limit", "inf"], "'inf'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TUNE_ARGUMENTS))
+def test_bad_tune_arguments_fail_before_anything_is_saved(tmp_path, capsys, case):
+    arguments, named = BAD_TUNE_ARGUMENTS[case]
+    storage, db = tmp_path / "sweeps", tmp_path / "mlflow.db"
+    code = main(["tune", *arguments, "--name", "bad", "--storage", str(storage), "--tracking-uri", f"sqlite:///{db}"])
+    printed = capsys.readouterr()
+    assert code == 2
+    (line,) = printed.err.splitlines()
+    assert line.startswith("ssl-tune: error: ") and named in line
+    assert printed.out == ""  # no data summary, no log path: nothing loaded, Ray not started
+    assert not storage.exists() and not db.exists()  # no settings to poison the name, no MLflow parent
+
+
+def test_tune_epochs_below_the_default_warmup_shortens_it_and_says_so(tmp_path, capsys):
+    """``--epochs 1`` is not refused for the hidden warm-up of 2 epochs: the sweep goes on to its next check
+    (here an unreachable tracking server, so no sweep runs)."""
+    code = main(["tune", "--epochs", "1", "--storage", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9"])
+    printed = capsys.readouterr()
+    assert code == 2 and "http://127.0.0.1:9 is not reachable" in printed.err
+    assert "--epochs 1: warm-up shortened from 2 to 1 epochs" in printed.out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -193,23 +194,39 @@ def parse_duration(text: str) -> float:
         seconds = float(number) * units[unit]
     except ValueError:
         raise ConfigError(f"duration {text!r} must look like 90s, 10m or 1.5h") from None
-    if seconds <= 0:
-        raise ConfigError(f"duration {text!r} must be positive")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"duration {text!r} must be a positive number of seconds, minutes or hours")
     return seconds
+
+
+def warmup_within(args: argparse.Namespace, epochs: int) -> list[str]:
+    """The override that shortens the config's warm-up to ``epochs`` when it is longer and the user did not set
+    it (the default 2 epochs under ``--epochs 1``); says so. ``[]`` otherwise."""
+    if any(parse_override(text)[0] == "optim.warmup_epochs" for text in args.overrides):
+        return []
+    warmup = load_config(args.config, list(args.overrides)).optim.warmup_epochs
+    if warmup <= epochs:
+        return []
+    print(f"--epochs {epochs}: warm-up shortened from {warmup} to {epochs} epochs "
+          f"(set optim.warmup_epochs to choose another)")
+    return [f"optim.warmup_epochs={epochs}"]
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
 
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs} is invalid; it must be >= 1")
     overrides = list(args.overrides)
     sets_epochs = any(parse_override(text)[0] == "optim.epochs" for text in overrides)
     epochs = args.epochs or (None if args.config or sets_epochs else DEMO_SWEEP_EPOCHS)
-    if epochs:
-        overrides.append(f"optim.epochs={epochs}")
+    if epochs and not args.resume:  # a resumed sweep keeps the overrides it started with
+        overrides += [f"optim.epochs={epochs}", *warmup_within(args, epochs)]
     overrides += [f"{key}={json.dumps(value)}" for key, value in scaling_overrides(args).items()]
+    default_trials = 0 if args.resume else SweepSettings.trials  # on a resume: no more trials than it had
     settings = SweepSettings(
         space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
-        trials=args.trials or (0 if args.resume else SweepSettings.trials), min_epochs=args.min_epochs,
+        trials=default_trials if args.trials is None else args.trials, min_epochs=args.min_epochs,
         concurrency=args.concurrency, searcher=args.searcher,
         scheduler=args.scheduler, objective=args.objective, seed=args.seed, name=args.resume or args.name,
         storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
@@ -293,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "extends a finished sweep to this many")
     tune.add_argument("--epochs", type=int, help=f"epochs of a trial that is not pruned (sets optim.epochs; "
                       f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
-    tune.add_argument("--min-epochs", type=int, default=2, help="epochs before ASHA may prune a trial")
+    tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default 2, or the "
+                      "trials' epochs when they train fewer)")
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
     tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
     tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")

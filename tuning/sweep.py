@@ -62,6 +62,7 @@ CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines
 LOG_FILE = "sweep.log"  # Tune's status tables and Ray's INFO logs (the console gets the compact lines)
 EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
+DEFAULT_MIN_EPOCHS = 2  # ASHA's grace period unless --min-epochs says otherwise (capped at the trials' epochs)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class SweepSettings:
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     trials: int = 12
-    min_epochs: int = 2
+    min_epochs: int | None = None  # epochs before ASHA may stop a trial; None: 2, or all when trials train fewer
     reduction_factor: int = 2
     concurrency: int = 2
     searcher: str = "tpe"
@@ -194,7 +195,7 @@ def build_scheduler(settings: SweepSettings, max_epochs: int) -> tune.schedulers
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_epochs,
-        grace_period=min(settings.min_epochs, max_epochs),
+        grace_period=min(settings.min_epochs or DEFAULT_MIN_EPOCHS, max_epochs),
         reduction_factor=settings.reduction_factor,
     )
 
@@ -324,12 +325,27 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _check_counts(settings: SweepSettings, resume: bool) -> None:
+    """The sweep's counts, before anything is saved or Ray starts (Tune and ASHA would raise only then).
+
+    ``trials`` may be 0 on a resume: no extension.
+    """
+    least = {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0}
+    for key, minimum in least.items():
+        if getattr(settings, key) is not None and getattr(settings, key) < minimum:
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(settings, key)} is invalid; it must be >= {minimum}")
+
+
 def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     """Check everything a sweep needs before any trial: settings, space, tracking server, data, cluster."""
+    _check_counts(settings, resume)
     if resume:
         settings = load_settings(settings)
     settings.name = settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     base = settings.base_config()
+    if not resume and settings.scheduler == "asha" and (settings.min_epochs or 0) > base.optim.epochs:
+        raise ConfigError(f"--min-epochs {settings.min_epochs} is more than the trials' {base.optim.epochs} epochs "
+                          "(--epochs / optim.epochs): ASHA could never stop a trial; lower --min-epochs")
     space = load_space(settings.space, base)
     if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
         raise ConfigError(
