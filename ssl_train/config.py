@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ssl_train import uris
+from ssl_train.group_by import GroupByError, parse_group_by
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,11 @@ class DataConfig:
     # Stream the SSL-train images of a parquet data.path to the workers with Ray Data instead of
     # decoding all of them in every worker (labeled sets from data.labeled_path stay in memory).
     streaming: bool = False
+    # What ties images together (level:N, regex:PATTERN or column:NAME; ssl_train/group_by.py): the splits keep
+    # each group in one split. None: each image is its own group.
+    group_by: Optional[str] = None
+    # Count the val/test images with a near-copy among the training images (ssl_train/data/leaks.py).
+    leak_check: bool = True
 
 
 @dataclass
@@ -433,6 +439,8 @@ def validate(c: TrainConfig) -> None:
                 raise ConfigError(str(error)) from None
     if d.source in ("folder", "parquet"):
         _require(bool(d.path), "data.path", d.path, f"data.source={d.source!r} needs data.path")
+    if d.group_by is not None:
+        _check_group_by(d)
     if d.streaming:
         _require(d.source == "parquet", "data.source", d.source,
                  "data.streaming=true streams parquet: set data.source=parquet "
@@ -456,6 +464,20 @@ def validate(c: TrainConfig) -> None:
     _require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", sc.cpus_per_worker, "must be > 0")
     _require(sc.resize_interval_s > 0, "scaling.resize_interval_s", sc.resize_interval_s, "must be > 0 seconds")
     _require(sc.gpus_per_worker > 0, "scaling.gpus_per_worker", sc.gpus_per_worker, "must be > 0")
+
+
+def _check_group_by(d: DataConfig) -> None:
+    _require(d.source in ("folder", "parquet"), "data.group_by", d.group_by,
+             f"groups are read from folders and Parquet; data.source={d.source!r} has independent images "
+             "(each its own group): leave data.group_by unset")
+    _require(not d.streaming, "data.group_by", d.group_by,
+             "grouped splits need the SSL-train images in memory: set data.streaming=false")
+    try:
+        spec = parse_group_by(d.group_by or "")
+    except GroupByError as error:
+        raise ConfigError(f"data.group_by={d.group_by!r} is invalid; {error}") from None
+    _require(spec.kind != "column" or d.source == "parquet", "data.group_by", d.group_by,
+             "column:NAME reads a Parquet column; for an image folder use level:N or regex:PATTERN")
 
 
 def check_batch_fits(config: TrainConfig, num_train_images: int) -> None:

@@ -291,6 +291,7 @@ class _Stage:
             sweep_tags={"method": self.base.method, "dataset": self.base.data.source,
                         "search_space": self.space.source},
             sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
+            sweep_metrics={"leak_rate": self.splits.leaks.rate} if self.splits.leaks else None,
             stage=stage,
             tune_experiment=tune_experiment,
             trial_time_limit_s=settings.trial_time_limit_s,

@@ -237,6 +237,7 @@ class MLflowSweepCallback(LoggerCallback):
         sweep_tags: dict[str, str],
         sweep_params: dict[str, Any],
         stage: str = "search",
+        sweep_metrics: dict[str, float] | None = None,
         tune_experiment: str = "",
         trial_time_limit_s: float | None = None,
         retry_s: float = 15.0,
@@ -248,6 +249,7 @@ class MLflowSweepCallback(LoggerCallback):
         self.describe_trial = describe_trial
         self.sweep_tags = sweep_tags
         self.sweep_params = sweep_params
+        self.sweep_metrics = sweep_metrics or {}  # logged on the parent run (the data's leak_rate)
         self.stage = stage
         self.tune_experiment = tune_experiment
         self.trial_time_limit_s = trial_time_limit_s
@@ -275,7 +277,10 @@ class MLflowSweepCallback(LoggerCallback):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracker = SweepTracker(self.tracking_uri, self.sweep_name, self.experiment)
-        self.tracker.open_parent(self.sweep_tags, self.sweep_params)
+        parent = self.tracker.open_parent(self.sweep_tags, self.sweep_params)
+        if self.sweep_metrics:
+            now = int(time.time() * 1000)
+            self.tracker.client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in self.sweep_metrics.items()])
         self._flush(force=True)
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:

@@ -10,12 +10,15 @@ Sources (``DataConfig.source``):
 - ``cifar10`` / ``stl10``: torchvision datasets under ``download_root`` (downloaded when missing).
 
 Labeled data is split with a fixed seed (``SPLIT_SEED``), stratified by class, so every run and
-every trial of a sweep measures on the same test images. Unreadable images are skipped and listed
+every trial of a sweep measures on the same test images; with ``data.group_by`` (``ssl_train.group_by``)
+by group, so that images tied together stay in one split. ``data.leak_check`` counts the val / test images
+with a near-copy among the training images (``leaks``). Unreadable images are skipped and listed
 in ``DatasetSplits.skipped``; they never stop a run.
 
 Modules: ``sets`` (the set types), ``decode`` (one image; records -> sets), ``sources`` (folders,
-Parquet, digits, torchvision), ``splits`` (the fixed splits of each source, ``load_splits``) and
-``convert`` (the to-Parquet writers). The Ray Data row-group pieces live in :mod:`ssl_train.streaming`.
+Parquet, digits, torchvision), ``splits`` (the fixed splits of each source, ``load_splits``),
+``convert`` (the to-Parquet writers) and ``leaks`` (the leak check). The Ray Data row-group pieces live in
+:mod:`ssl_train.streaming`.
 """
 
 from ssl_train.data.convert import digits_to_parquet, folder_to_parquet, images_to_parquet

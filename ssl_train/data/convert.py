@@ -57,21 +57,26 @@ def _read_bytes(path: Path) -> Optional[bytes]:
 
 
 def images_to_parquet(images: ImageSet, dst: str | Path) -> Path:
-    """Write decoded images as one parquet file of PNGs (``label`` null where -1); returns ``dst``.
+    """Write decoded images as one parquet file of PNGs (``label`` null where -1; a ``group`` column when the
+    images have groups, for ``data.group_by=column:group``); returns ``dst``.
 
     PNG is lossless and ``decode_image`` leaves an image of the target size untouched, so loading
     the file at the same ``image_size`` gives back exactly these pixels.
     """
     dst = Path(dst).expanduser()
-    schema = pa.schema([("image", pa.binary()), ("label", pa.int64())])
+    schema = pa.schema([("image", pa.binary()), ("label", pa.int64())]
+                       + ([("group", pa.string())] if images.groups is not None else []))
     dst.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(dst, schema) as writer:
         for start in range(0, len(images), _ROWS_PER_GROUP):
             chunk = images.select(np.arange(start, min(start + _ROWS_PER_GROUP, len(images))))
-            writer.write_table(pa.table({
+            columns = {
                 "image": [_png_bytes(image) for image in chunk.images],
                 "label": [int(label) if label >= 0 else None for label in chunk.labels.tolist()],
-            }, schema=schema))
+            }
+            if chunk.groups is not None:
+                columns["group"] = chunk.groups.tolist()
+            writer.write_table(pa.table(columns, schema=schema))
     return dst
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional, Union
@@ -92,13 +92,15 @@ def decode_image(source: ImageSource, image_size: int) -> torch.Tensor:
 
 @dataclass
 class _Records:
-    """Images not yet decoded: file paths or bytes (None: an empty parquet cell), labels (-1 = none)."""
+    """Images not yet decoded: file paths or bytes (None: an empty parquet cell), labels (-1 = none), groups."""
 
     sources: list[Optional[ImageSource]]
     names: list[str]
     labels: np.ndarray
     num_classes: int
     where: str
+    groups: Optional[np.ndarray] = None  # str, one per record (data.group_by); None = each image its own group
+    class_names: list[str] = field(default_factory=list)  # label k is class_names[k]
 
 
 def _try_decode(source: Optional[ImageSource], image_size: int) -> Union[torch.Tensor, str]:
@@ -136,4 +138,5 @@ def _decode_records(records: _Records, image_size: int, skipped: list[str]) -> I
     if reasons:
         logger.warning("skipped %d unreadable images under '%s', e.g. %s", len(reasons), records.where, reasons[0])
     images = out[: len(kept)].clone() if len(kept) < len(out) else out
-    return ImageSet(images, torch.as_tensor(records.labels[kept], dtype=torch.long))
+    groups = None if records.groups is None else records.groups[kept]
+    return ImageSet(images, torch.as_tensor(records.labels[kept], dtype=torch.long), groups)

@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ssl_train.data.leaks import LeakCheck
+
 
 class DataError(ValueError):
     """Data cannot be loaded; the message names the file/path/column and the fix."""
@@ -15,10 +17,11 @@ class DataError(ValueError):
 
 @dataclass
 class ImageSet:
-    """Decoded images and their labels."""
+    """Decoded images, their labels and (with ``data.group_by``) their groups."""
 
     images: torch.Tensor  # uint8 [N, 3, S, S], RGB
     labels: torch.Tensor  # int64 [N]; -1 = unlabeled
+    groups: Optional[np.ndarray] = None  # str [N]: what ties images together; None = each image its own group
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -26,7 +29,12 @@ class ImageSet:
     def select(self, index: np.ndarray) -> ImageSet:
         """The images at ``index`` (a copy)."""
         rows = torch.as_tensor(index, dtype=torch.long)
-        return ImageSet(self.images[rows], self.labels[rows])
+        groups = None if self.groups is None else self.groups[np.asarray(index, dtype=np.int64)]
+        return ImageSet(self.images[rows], self.labels[rows], groups)
+
+    def group_count(self) -> int:
+        """How many groups the images come from (each image is one when there are no groups)."""
+        return len(self) if self.groups is None else len(np.unique(self.groups))
 
 
 @dataclass
@@ -47,6 +55,7 @@ class DatasetSplits:
     num_classes: int
     skipped: list[str]
     notes: list[str] = field(default_factory=list)
+    leaks: Optional[LeakCheck] = None  # data.leak_check: near-copies of val/test images among the training images
 
     def preview(self, count: int) -> torch.Tensor:
         """The first ``count`` training images (the labeled ones when the SSL-train set is streamed)."""
@@ -64,6 +73,14 @@ class DatasetSplits:
         if self.skipped:
             more = len(self.skipped) - 3
             text += ": " + ", ".join(self.skipped[:3]) + (f" (+{more} more)" if more > 0 else "")
+        if self.test.groups is not None:
+            parts = [("SSL-train", self.ssl_train), ("eval-train", self.eval_train), ("val", self.val),
+                     ("test", self.test)]
+            text += "; groups: " + ", ".join(f"{part.group_count()} {name}" for name, part in parts if part is not None)
         if self.notes:
             text += "; note: " + "; ".join(self.notes)
+        if self.leaks is not None:
+            text += "\n" + self.leaks.describe()
+            warning = self.leaks.warning()
+            text += f"\n{warning}" if warning else ""
         return text

@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 from ssl_train import uris
 from ssl_train.data.decode import ImageSource, _Records
 from ssl_train.data.sets import DataError, ImageSet
+from ssl_train.group_by import GroupBy, GroupByError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, http.client.HTTPException)
@@ -29,9 +30,9 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _folder_listing(path: Path, key: str) -> tuple[list[Path], np.ndarray, int]:
-    """Image files, labels (-1 = none) and class count of class sub-folders (classes in sorted order,
-    files sorted) or of a flat folder (unlabeled)."""
+def _folder_listing(path: Path, key: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Image files, labels (-1 = none) and class names of class sub-folders (classes in sorted order,
+    files sorted) or of a flat folder (unlabeled: no class names)."""
     if not path.exists():
         raise DataError(f"{key}='{path}' does not exist; give a folder of images")
     if not path.is_dir():
@@ -50,15 +51,29 @@ def _folder_listing(path: Path, key: str) -> tuple[list[Path], np.ndarray, int]:
             f"{key}='{path}' has no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in it or its sub-folders"
         )
     if top:
-        return top, np.full(len(top), -1, np.int64), 0
+        return top, np.full(len(top), -1, np.int64), []
     files = [p for class_files in classes.values() for p in class_files]
     labels = np.concatenate([np.full(len(class_files), k, np.int64) for k, class_files in enumerate(classes.values())])
-    return files, labels, len(classes)
+    return files, labels, list(classes)
 
 
-def _folder_records(path: Path, key: str) -> _Records:
-    files, labels, num_classes = _folder_listing(path, key)
-    return _Records(list(files), [str(p) for p in files], labels, num_classes, str(path))
+def _folder_records(path: Path, key: str, group_by: Optional[GroupBy] = None) -> _Records:
+    files, labels, class_names = _folder_listing(path, key)
+    groups = None
+    if group_by is not None:
+        if group_by.kind == "column":
+            raise DataError(f"data.group_by='{group_by.text}' names a Parquet column, but {key}='{path}' is an "
+                            "image folder: use level:N or regex:PATTERN")
+        groups = _path_groups([p.relative_to(path).as_posix() for p in files], group_by, f"{key}='{path}'")
+    return _Records(list(files), [str(p) for p in files], labels, len(class_names), str(path), groups, class_names)
+
+
+def _path_groups(relative_paths: Sequence[str], group_by: GroupBy, where: str) -> np.ndarray:
+    """The group of each file (``level`` / ``regex``), or a DataError naming the first file it fails on."""
+    try:
+        return np.array([group_by.of_path(path) for path in relative_paths], dtype=str)
+    except GroupByError as error:
+        raise DataError(f"{where}: {error}") from None
 
 
 def _parquet_files(location: str, key: str) -> tuple[list[str], bool]:
@@ -105,8 +120,9 @@ def _binary_type(dtype: pa.DataType) -> bool:
     return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or view(dtype)
 
 
-def _parquet_columns(file: str) -> list[str]:
-    """The columns of ``file`` this module reads (``image``, then ``label`` and ``path`` when present), checked."""
+def _parquet_columns(file: str, group_by: Optional[GroupBy] = None) -> list[str]:
+    """The columns of ``file`` this module reads (``image``, then ``label`` and ``path`` when present, then
+    ``data.group_by``'s column), checked."""
     fs, path = _filesystem(file, "data.path")
     try:
         schema = pq.read_schema(path, filesystem=fs)
@@ -128,7 +144,17 @@ def _parquet_columns(file: str) -> list[str]:
             f"'{file}': column 'label' has type {label_type}; expected an integer type "
             "(int64, null for unlabeled rows)"
         )
-    return ["image"] + [name for name in ("label", "path") if name in schema.names]
+    columns = ["image"] + [name for name in ("label", "path") if name in schema.names]
+    if group_by is not None:
+        needed = group_by.column if group_by.kind == "column" else "path"
+        if needed not in schema.names:
+            raise DataError(
+                f"'{file}' has no column '{needed}' (columns: {schema.names}), which data.group_by="
+                f"'{group_by.text}' reads" + ("" if group_by.kind == "column" else
+                                             " (the file's relative path; folder_to_parquet writes it)")
+            )
+        columns += [needed] if needed not in columns else []
+    return columns
 
 
 def _row_names(file: str, table: pa.Table, first_row: int = 0) -> list[str]:
@@ -138,8 +164,26 @@ def _row_names(file: str, table: pa.Table, first_row: int = 0) -> list[str]:
     return [f"{file}:row {first_row + i}" for i in range(table.num_rows)]
 
 
-def _read_parquet_file(file: str) -> tuple[list[Optional[bytes]], list[str], np.ndarray]:
-    columns = _parquet_columns(file)
+def _column_groups(file: str, table: pa.Table, group_by: GroupBy) -> np.ndarray:
+    """The groups of a parquet file's rows: its ``data.group_by`` column as text, or its ``path`` column's."""
+    if group_by.kind != "column":
+        return _path_groups(table.column("path").to_pylist(), group_by, f"'{file}'")
+    column = table.column(group_by.column)
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"'{file}': column '{group_by.column}' (data.group_by) is null in row {row}; "
+                        "give every row a group")
+    try:
+        return np.array(column.cast(pa.string()).to_pylist(), dtype=str)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise DataError(f"'{file}': column '{group_by.column}' (data.group_by) has type {column.type}, "
+                        f"which cannot be read as text: {error}") from None
+
+
+def _read_parquet_file(
+    file: str, group_by: Optional[GroupBy] = None
+) -> tuple[list[Optional[bytes]], list[str], np.ndarray, Optional[np.ndarray]]:
+    columns = _parquet_columns(file, group_by)
     has_label = "label" in columns
     fs, path = _filesystem(file, "data.path")
     table = pq.read_table(path, columns=columns, filesystem=fs)
@@ -155,40 +199,45 @@ def _read_parquet_file(file: str) -> tuple[list[Optional[bytes]], list[str], np.
             f"'{file}': column 'label' has negative value {labels[negative[0]]} (row {negative[0]}); "
             "labels must be >= 0 (null or -1 for unlabeled rows)"
         )
-    return table.column("image").to_pylist(), names, labels.astype(np.int64)
+    groups = None if group_by is None else _column_groups(file, table, group_by)
+    return table.column("image").to_pylist(), names, labels.astype(np.int64), groups
 
 
-def _parquet_records(path: str, key: str) -> _Records:
+def _parquet_records(path: str, key: str, group_by: Optional[GroupBy] = None) -> _Records:
     """All rows of the parquet file(s) at ``path`` (a path or URI); labels renumbered 0..C-1 in sorted order."""
     files = _parquet_files_or_error(path, key)
     sources: list[Optional[ImageSource]] = []
     names: list[str] = []
     labels: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
     for file in files:
-        images, file_names, file_labels = _read_parquet_file(file)
+        images, file_names, file_labels, file_groups = _read_parquet_file(file, group_by)
         sources += images
         names += file_names
         labels.append(file_labels)
+        groups += [] if file_groups is None else [file_groups]
     raw = np.concatenate(labels)
     if not len(raw):
         raise DataError(f"{key}='{path}' has no rows; it holds no images")
+    all_groups = np.concatenate(groups) if group_by is not None else None
     labeled = raw >= 0
     if labeled.all():
         classes, index = np.unique(raw, return_inverse=True)
-        return _Records(sources, names, index.astype(np.int64), len(classes), str(path))
+        return _Records(sources, names, index.astype(np.int64), len(classes), str(path), all_groups,
+                        [str(c) for c in classes])
     if labeled.any():
         raise DataError(
             f"{key}='{path}': {int(labeled.sum())} of {len(raw)} rows have a label; give every row a label "
             "or none (put the labeled images in data.labeled_path)"
         )
-    return _Records(sources, names, raw, 0, str(path))
+    return _Records(sources, names, raw, 0, str(path), all_groups)
 
 
-def _any_records(path: str, key: str) -> _Records:
+def _any_records(path: str, key: str, group_by: Optional[GroupBy] = None) -> _Records:
     """A parquet file, a folder of parquet files, or an image folder."""
     if _parquet_files(path, key)[0]:
-        return _parquet_records(path, key)
-    return _folder_records(_local_folder(path, key), key)
+        return _parquet_records(path, key, group_by)
+    return _folder_records(_local_folder(path, key), key, group_by)
 
 
 def _expand(location: str) -> str:

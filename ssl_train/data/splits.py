@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import torch
 import torchvision
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ssl_train.config import DataConfig
 from ssl_train.data.decode import _decode_records
+from ssl_train.data.leaks import check_leaks
 from ssl_train.data.sets import DataError, DatasetSplits, ImageSet
 from ssl_train.data.sources import (
     _any_records,
@@ -21,13 +24,21 @@ from ssl_train.data.sources import (
     _parquet_records,
     _torchvision_dataset,
 )
+from ssl_train.group_by import GroupBy, GroupByError, parse_group_by
 
 # The split seed is a constant, not the run's seed: all trials compare on the same images.
 SPLIT_SEED = 20201
 
 
-def _hold_out(pool: ImageSet, fraction: float, what: str, notes: list[str]) -> tuple[ImageSet, ImageSet]:
-    """Fixed split of a labeled set into (rest, held-out ``fraction``), stratified when every class allows."""
+def _hold_out(
+    pool: ImageSet, fraction: float, what: str, notes: list[str], class_names: Optional[list[str]] = None,
+    by_group: bool = True,
+) -> tuple[ImageSet, ImageSet]:
+    """Fixed split of a labeled set into (rest, held-out ``fraction``), stratified when every class allows;
+    by group when the images have groups (and ``by_group``)."""
+    if pool.groups is not None and by_group:
+        rest, held = _group_fold(pool.labels.numpy(), pool.groups, fraction, what, class_names or [])
+        return pool.select(np.sort(rest)), pool.select(np.sort(held))
     index = np.arange(len(pool))
     labels = pool.labels.numpy()
     try:
@@ -41,9 +52,83 @@ def _hold_out(pool: ImageSet, fraction: float, what: str, notes: list[str]) -> t
     return pool.select(np.sort(rest)), pool.select(np.sort(held))
 
 
+def _group_fold(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, what: str, class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held-out) indices with no group on both sides: the held-out part is one of ``round(1 / fraction)``
+    folds of scikit-learn's StratifiedGroupKFold (fixed seed), the first that leaves every class on both sides."""
+    folds = max(2, round(1 / fraction))
+    classes = np.unique(labels)
+    if len(np.unique(groups)) >= folds:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=SPLIT_SEED)
+        for rest, held in splitter.split(labels, labels, groups):
+            if all(np.isin(classes, labels[part]).all() for part in (rest, held)):
+                return rest, held
+    name, count = _fewest_groups(labels, groups, class_names)
+    raise DataError(
+        f"cannot make the {what} split by group (data.group_by): class '{name}' has {count} group(s) among the "
+        f"{len(labels)} images this split divides, and data.{what}_fraction={fraction} holds out 1 of {folds} "
+        f"stratified group folds, so each class needs about {folds} groups or more to be in both parts. "
+        f"{_GROUP_FIX.format(name=name)}"
+    )
+
+
+_GROUP_FIX = ("Fix: add images from more groups to class '{name}', raise data.test_fraction / data.val_fraction "
+              "(fewer folds), use a finer data.group_by, or leave the class out")
+
+
+def _fewest_groups(labels: np.ndarray, groups: np.ndarray, class_names: list[str]) -> tuple[str, int]:
+    """The class with the fewest groups (its name) and its group count."""
+    counts = {int(c): len(np.unique(groups[labels == c])) for c in np.unique(labels)}
+    fewest = min(counts, key=counts.__getitem__)
+    return (class_names[fewest] if fewest < len(class_names) else str(fewest)), counts[fewest]
+
+
+def _val_test(
+    pool: ImageSet, config: DataConfig, notes: list[str], class_names: Optional[list[str]] = None
+) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """(rest, val, test) of a labeled pool: test first, then val from the rest (by group when it has groups)."""
+    if pool.groups is not None:
+        name, count = _fewest_groups(pool.labels.numpy(), pool.groups, class_names or [])
+        if count < 3:
+            raise DataError(f"class '{name}' has {count} group(s) (data.group_by); a grouped split needs at least "
+                            f"3 in every class, as eval-train, val and test each get whole groups. "
+                            f"{_GROUP_FIX.format(name=name)}")
+    rest, test = _hold_out(pool, config.test_fraction, "test", notes, class_names)
+    rest, val = _hold_out(rest, config.val_fraction, "val", notes, class_names)
+    return rest, val, test
+
+
 def _labeled_part(pool: ImageSet, fraction: float, notes: list[str]) -> ImageSet:
-    """``data.labeled_fraction`` of ``pool`` (stratified, fixed); the pool itself when it is 1."""
-    return pool if fraction >= 1.0 else _hold_out(pool, fraction, "labeled-fraction", notes)[1]
+    """``data.labeled_fraction`` of ``pool`` (stratified by image, fixed: a subset of one split needs no groups);
+    the pool itself when it is 1."""
+    return pool if fraction >= 1.0 else _hold_out(pool, fraction, "labeled-fraction", notes, by_group=False)[1]
+
+
+def _without_groups_of(images: ImageSet, held: list[ImageSet], notes: list[str]) -> ImageSet:
+    """``images`` less those whose group is in one of the ``held`` sets (val, test)."""
+    if images.groups is None:
+        return images
+    keep = ~np.isin(images.groups, np.concatenate([part.groups for part in held if part.groups is not None]))
+    if keep.all():
+        return images
+    if not keep.any():
+        raise DataError(f"every one of the {len(images)} data.path images shares its group (data.group_by) with a "
+                        "val or test image; put images of other groups in data.path")
+    notes.append(f"{int((~keep).sum())} data.path images left out of SSL-train: their groups are in val or test")
+    return images.select(np.flatnonzero(keep))
+
+
+def _group_by(config: DataConfig) -> Optional[GroupBy]:
+    """``data.group_by`` parsed (None when unset)."""
+    if config.group_by is None:
+        return None
+    if config.source not in ("folder", "parquet") or config.streaming:
+        raise DataError(f"data.group_by={config.group_by!r} needs data.source=folder or parquet, not streamed")
+    try:
+        return parse_group_by(config.group_by)
+    except GroupByError as error:
+        raise DataError(f"data.group_by={config.group_by!r} is invalid; {error}") from None
 
 
 def _require_classes(num_classes: int, where: str) -> None:
@@ -64,25 +149,22 @@ def _needs_labels(where: str) -> DataError:
 
 def _digits_splits(config: DataConfig) -> DatasetSplits:
     notes: list[str] = []
-    rest, test = _hold_out(_digits_pool(config.image_size), config.test_fraction, "test", notes)
-    ssl_train, val = _hold_out(rest, config.val_fraction, "val", notes)
+    ssl_train, val, test = _val_test(_digits_pool(config.image_size), config, notes)
     eval_train = _labeled_part(ssl_train, config.labeled_fraction, notes)
     return DatasetSplits("digits", ssl_train, eval_train, val, test, 10, [], notes)
 
 
 def _labeled_path_sets(
-    config: DataConfig, skipped: list[str], notes: list[str]
+    config: DataConfig, skipped: list[str], notes: list[str], group_by: Optional[GroupBy] = None
 ) -> tuple[ImageSet, ImageSet, ImageSet, int]:
     """(eval pool, val set, test set, class count) from ``data.labeled_path``."""
     labeled_path = _expand(config.labeled_path or "")
-    labeled_records = _any_records(labeled_path, "data.labeled_path")
+    labeled_records = _any_records(labeled_path, "data.labeled_path", group_by)
     if not labeled_records.num_classes:
         raise _needs_labels(str(labeled_path))
     _require_classes(labeled_records.num_classes, str(labeled_path))
-    rest, test = _hold_out(
-        _decode_records(labeled_records, config.image_size, skipped), config.test_fraction, "test", notes
-    )
-    eval_pool, val = _hold_out(rest, config.val_fraction, "val", notes)
+    pool = _decode_records(labeled_records, config.image_size, skipped)
+    eval_pool, val, test = _val_test(pool, config, notes, labeled_records.class_names)
     return eval_pool, val, test, labeled_records.num_classes
 
 
@@ -96,18 +178,18 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
         eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
         eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
         return DatasetSplits(str(path), None, eval_train, val, test, num_classes, skipped, notes)
+    group_by = _group_by(config)
     if config.source == "parquet":
-        records = _parquet_records(path, "data.path")
+        records = _parquet_records(path, "data.path", group_by)
     else:
-        records = _folder_records(_local_folder(path, "data.path"), "data.path")
+        records = _folder_records(_local_folder(path, "data.path"), "data.path", group_by)
     main = _decode_records(records, config.image_size, skipped)
     if config.labeled_path:
-        eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
-        ssl_train = main
+        eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes, group_by)
+        ssl_train = _without_groups_of(main, [val, test], notes)
     elif records.num_classes:
         _require_classes(records.num_classes, str(path))
-        rest, test = _hold_out(main, config.test_fraction, "test", notes)
-        ssl_train, val = _hold_out(rest, config.val_fraction, "val", notes)
+        ssl_train, val, test = _val_test(main, config, notes, records.class_names)
         eval_pool, num_classes = ssl_train, records.num_classes
     else:
         raise _needs_labels(str(path))
@@ -166,10 +248,18 @@ def load_splits(config: DataConfig) -> DatasetSplits:
     """Load and split the configured data.
 
     The splits are stratified and fixed for a dataset (the constant SPLIT_SEED, not the run's seed),
-    so every trial and every confirmation seed is measured on the same val and test images.
+    so every trial and every confirmation seed is measured on the same val and test images. With
+    ``data.group_by`` they are made by group. With ``data.leak_check``, the val and test images with a near-copy
+    among the training images are counted (``DatasetSplits.leaks``).
     """
     if config.source == "digits":
-        return _digits_splits(config)
-    if config.source in ("cifar10", "stl10"):
-        return _torchvision_splits(config)
-    return _file_splits(config)
+        splits = _digits_splits(config)
+    elif config.source in ("cifar10", "stl10"):
+        splits = _torchvision_splits(config)
+    else:
+        splits = _file_splits(config)
+    if config.leak_check and splits.ssl_train is not None:
+        training = [splits.ssl_train] + ([splits.eval_train] if splits.eval_train is not splits.ssl_train else [])
+        reference = torch.cat([part.images for part in training])
+        splits.leaks = check_leaks(splits.val.images, splits.test.images, reference)
+    return splits
