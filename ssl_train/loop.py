@@ -14,7 +14,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,8 @@ class Trainer:
         self.config, self.report = config, report
         self.context = context = context or WorkerContext()
         self.device = device = context.device
-        self.splits = splits or load_splits(config.data)
+        # The leak check is for the data summary (ssl-tune train / tune print it), not for every worker.
+        self.splits = splits or load_splits(replace(config.data, leak_check=False))
         images = _training_images(config, self.splits, streamed, context)
         check_batch_fits(config, len(images))
 

@@ -591,7 +591,8 @@ def finish_sweep(
     confirmation, margin, text, reference = None, None, None, {}
     if loaded is not None and settings.confirm:
         confirmation, configs = loaded
-        reference = baselines(base, load_splits(base.data), settings.confirm_seeds, settings.objective)
+        splits = load_splits(base.replace({"data.leak_check": False}).data)  # checked and logged at the start
+        reference = baselines(base, splits, settings.confirm_seeds, settings.objective)
         margin = confirmation.margin()
         text = confirmation.format(reference)
         winner = configs[confirmation.winner].replace({"seed": base.seed})
