@@ -69,12 +69,12 @@ def _group_fold(
         f"cannot make the {what} split by group (data.group_by): class '{name}' has {count} group(s) among the "
         f"{len(labels)} images this split divides, and data.{what}_fraction={fraction} holds out 1 of {folds} "
         f"stratified group folds, so each class needs about {folds} groups or more to be in both parts. "
-        f"{_GROUP_FIX.format(name=name)}"
+        f"{_GROUP_FIX.format(name=name, more=_FEWER_FOLDS)}"
     )
 
 
-_GROUP_FIX = ("Fix: add images from more groups to class '{name}', raise data.test_fraction / data.val_fraction "
-              "(fewer folds), use a finer data.group_by, or leave the class out")
+_GROUP_FIX = "Fix: add images from more groups to class '{name}', {more}use a finer data.group_by, or leave it out"
+_FEWER_FOLDS = "raise data.test_fraction / data.val_fraction (fewer folds), "
 
 
 def _fewest_groups(labels: np.ndarray, groups: np.ndarray, class_names: list[str]) -> tuple[str, int]:
@@ -93,7 +93,7 @@ def _val_test(
         if count < 3:
             raise DataError(f"class '{name}' has {count} group(s) (data.group_by); a grouped split needs at least "
                             f"3 in every class, as eval-train, val and test each get whole groups. "
-                            f"{_GROUP_FIX.format(name=name)}")
+                            f"{_GROUP_FIX.format(name=name, more='')}")
     rest, test = _hold_out(pool, config.test_fraction, "test", notes, class_names)
     rest, val = _hold_out(rest, config.val_fraction, "val", notes, class_names)
     return rest, val, test
