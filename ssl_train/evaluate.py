@@ -1,4 +1,5 @@
-"""Evaluation of a frozen backbone: weighted kNN monitor, linear probe and collapse monitors."""
+"""Evaluation of a frozen backbone: weighted kNN monitor, linear probe, RankMe (no labels needed) and collapse
+monitors."""
 
 from __future__ import annotations
 
@@ -152,15 +153,27 @@ def embedding_std(embeddings: torch.Tensor) -> float:
 
 
 def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al. 2023, eq. 1): exp(-sum p_k log p_k), p_k = sigma_k / ||sigma||_1 + eps.
+    """RankMe (Garrido et al. 2023, eq. 1): exp(-sum p_k log p_k), p_k = sigma_k / ||sigma||_1 + eps, sigma the
+    singular values of the embedding matrix.
 
-    Lies in [1, min(N, D)]: 1 for a collapsed (rank-one) representation.
+    Lies in [1, min(N, D)]: 1 for a collapsed (rank-one) representation, r for r equal non-zero singular values.
     """
     if features.dim() != 2 or features.numel() == 0:
         raise ValueError(f"features must be a non-empty [N, D] matrix, got {list(features.shape)}")
     singular = torch.linalg.svdvals(features.double())
     p = singular / singular.sum().clamp_min(eps) + eps
     return (-(p * p.log()).sum()).exp().item()
+
+
+RANKME_SAMPLES = 2048  # images RankMe is computed on (the paper uses ~25,600; the rank is at most min(N, D))
+
+
+def rankme_sample(count: int, limit: int = RANKME_SAMPLES) -> torch.Tensor:
+    """Fixed indices (seed 0, sorted) of at most ``limit`` of ``count`` images: every epoch of every trial scores
+    RankMe on the same images, so the values compare."""
+    if count <= limit:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:limit].sort().values
 
 
 def evaluate_backbone(
@@ -171,27 +184,36 @@ def evaluate_backbone(
     split: str = "val",
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """kNN accuracy (and linear accuracy if ``config.linear_probe``) of one labeled split given ``splits.eval_train``,
-    with k fitted to the labeled set (:func:`fitted_knn_k`).
+    """RankMe and the feature std of one held-out split; with labels, also its kNN accuracy (and linear accuracy if
+    ``config.linear_probe``) given ``splits.eval_train``, with k fitted to the labeled set (:func:`fitted_knn_k`).
 
-    ``split`` is ``"val"`` (what a search selects on) or ``"test"`` (read once a run has finished);
-    the metrics carry it in their names (``val_knn_acc``, ``test_linear_acc``), and so do the
-    collapse monitors of that split's features: ``val_feature_rank`` (RankMe) and ``val_feature_std``.
+    ``split`` is ``"val"`` (what a search selects on) or ``"test"`` (read once a run has finished; data with no
+    labels has none); the metrics carry it in their names (``val_knn_acc``, ``test_linear_acc``, ``val_rankme``).
+
+    ``rankme`` (:func:`effective_rank`, Garrido et al. 2023, eq. 1) scores the BACKBONE's features of a fixed sample
+    of the split (:func:`rankme_sample`), not the projector's: the backbone's features are what users take away
+    (``backbone.pt``, embeddings); the projector's output is shaped by the loss (BYOL's predictor target, SwAV's
+    prototypes), and its rank says more about the head than about the representation.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate on 'val' or 'test'")
     held_out = getattr(splits, split)
-    train = extract_features(backbone, splits.eval_train.images, batch_size, device)
-    features = extract_features(backbone, held_out.images, batch_size, device)
-    train_labels, labels = splits.eval_train.labels, held_out.labels
-    metrics = {
-        "knn_acc": knn_accuracy(train, train_labels, features, labels, splits.num_classes,
-                                fitted_knn_k(config.knn_k, train_labels), config.knn_temperature),
-        "feature_rank": effective_rank(features),
-        "feature_std": embedding_std(features),
-    }
-    if config.linear_probe:
-        metrics["linear_acc"] = linear_probe_accuracy(train, train_labels, features, labels)
+    if held_out is None:
+        raise ValueError(f"split={split!r}: the data has no labels, so it has no {split} split")
+    sample = rankme_sample(len(held_out.images))
+    if not splits.num_classes:  # no labels: the sample is all there is to score
+        features = sampled = extract_features(backbone, held_out.images[sample], batch_size, device)
+    else:
+        features = extract_features(backbone, held_out.images, batch_size, device)
+        sampled = features[sample]
+    metrics = {"rankme": effective_rank(sampled), "feature_std": embedding_std(features)}
+    if splits.num_classes:
+        train = extract_features(backbone, splits.eval_train.images, batch_size, device)
+        train_labels, labels = splits.eval_train.labels, held_out.labels
+        metrics["knn_acc"] = knn_accuracy(train, train_labels, features, labels, splits.num_classes,
+                                          fitted_knn_k(config.knn_k, train_labels), config.knn_temperature)
+        if config.linear_probe:
+            metrics["linear_acc"] = linear_probe_accuracy(train, train_labels, features, labels)
     return {f"{split}_{key}": value for key, value in metrics.items()}
 
 

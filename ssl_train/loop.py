@@ -319,7 +319,7 @@ class Trainer:
     def epoch_outcome(self, epoch: int, mean_loss: float, embeddings: torch.Tensor | None, extras: dict[str, float],
                       seconds: float) -> tuple[dict[str, Any], Status]:
         """The epoch's metrics (val every ``eval.every_epochs`` and at the end; test once, after the last epoch
-        of a finished run when ``eval.test_at_end``) and the run's status after it."""
+        of a finished run when ``eval.test_at_end`` and the data has labels) and the run's status after it."""
         config, context = self.config, self.context
         mean_loss = _mean_over_workers(mean_loss, context)
         metrics: dict[str, Any] = {
@@ -344,7 +344,7 @@ class Trainer:
             past_grace = epoch + 1 > config.eval.collapse_grace_epochs
             if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
                 status = Status.COLLAPSED
-            elif context.is_main and last_epoch and config.eval.test_at_end:  # once, on the finished run only
+            elif context.is_main and last_epoch and config.eval.test_at_end and self.splits.labeled:  # once, at the end
                 metrics.update(evaluate_backbone(self.method.backbone, self.splits, config.eval, self.device,
                                                  split="test"))
         # .value: plain text in the metrics (and so in checkpoints, which load with weights_only=True)

@@ -117,11 +117,11 @@ def test_class_folder_labels_follow_sorted_class_names(tmp_path):
         _assert_colour_matches_label(part.images, part.labels)
 
 
-def test_flat_folder_needs_labeled_path_and_uses_it_for_evaluation(tmp_path):
+def test_flat_folder_uses_a_labeled_path_for_evaluation(tmp_path):
     flat = _write_flat_folder(tmp_path / "unlabeled", 12)
     labeled = _write_class_folder(tmp_path / "labeled", per_class=6)
-    with pytest.raises(DataError, match="data.labeled_path"):
-        load_splits(DataConfig(source="folder", path=str(flat)))
+    with pytest.raises(DataError, match="data.labeled_path='.*unlabeled' holds unlabeled images"):
+        load_splits(DataConfig(source="folder", path=str(labeled), labeled_path=str(flat)))
     config = DataConfig(source="folder", path=str(flat), labeled_path=str(labeled), test_fraction=0.5)
     splits = load_splits(config)
     assert len(splits.ssl_train) == 12 and (splits.ssl_train.labels == -1).all()
@@ -320,13 +320,11 @@ def test_folder_to_parquet_round_trip(tmp_path):
                                                              labeled_fraction=0.5)))
 
 
-def test_unlabeled_parquet_needs_labels_and_accepts_a_parquet_labeled_path(tmp_path):
+def test_unlabeled_parquet_accepts_a_parquet_labeled_path(tmp_path):
     flat_file, labeled_file = tmp_path / "flat.parquet", tmp_path / "labeled.parquet"
     assert folder_to_parquet(_write_flat_folder(tmp_path / "flat", 8), flat_file) == 8
     assert pq.read_table(flat_file).column("label").null_count == 8
     folder_to_parquet(_write_class_folder(tmp_path / "labeled", per_class=4), labeled_file)
-    with pytest.raises(DataError, match="data.labeled_path"):
-        load_splits(DataConfig(source="parquet", path=str(flat_file)))
     splits = load_splits(DataConfig(source="parquet", path=str(flat_file), labeled_path=str(labeled_file)))
     assert len(splits.ssl_train) == 8 and len(splits.eval_train) + len(splits.val) + len(splits.test) == 12
     _assert_colour_matches_label(splits.test.images, splits.test.labels)

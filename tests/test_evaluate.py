@@ -210,16 +210,16 @@ def test_evaluate_backbone_on_digit_images(digits, linear_probe):
     backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten())  # random 1024-d features
     config = EvalConfig(knn_k=20, linear_probe=linear_probe)
     metrics = evaluate_backbone(backbone, splits, config, split="test", batch_size=256)
-    expected = {"knn_acc", "feature_rank", "feature_std"} | ({"linear_acc"} if linear_probe else set())
+    expected = {"knn_acc", "rankme", "feature_std"} | ({"linear_acc"} if linear_probe else set())
     assert set(metrics) == {f"test_{name}" for name in expected}
     assert metrics["test_knn_acc"] >= 0.9
-    assert 1.0 < metrics["test_feature_rank"] <= len(digits["y_test"])
+    assert 1.0 < metrics["test_rankme"] <= len(digits["y_test"])
     assert 0.0 < metrics["test_feature_std"] < 1.5
     if linear_probe:
         assert metrics["test_linear_acc"] >= 0.9
     # The val split is another set of images, named as such: its rank is bounded by its 50 images.
     val = evaluate_backbone(backbone, splits, config, split="val", batch_size=256)
-    assert set(val) == {f"val_{name}" for name in expected} and val["val_feature_rank"] <= 50
+    assert set(val) == {f"val_{name}" for name in expected} and val["val_rankme"] <= 50
     with pytest.raises(ValueError, match="'val' or 'test'"):
         evaluate_backbone(backbone, splits, config, split="train")
 

@@ -61,7 +61,7 @@ def format_epoch(metrics: dict[str, Any]) -> str:
     parts = [f"epoch {metrics['epoch']}", f"loss {metrics['loss']:.4f}"]
     for key, label, fmt in (
         ("val_knn_acc", "val knn", ".4f"), ("val_linear_acc", "val linear", ".4f"), ("val_feature_std", "std", ".3f"),
-        ("val_feature_rank", "rank", ".1f"), ("tau", "tau", ".4f"), ("images_per_s", "img/s", ".0f"),
+        ("val_rankme", "RankMe", ".1f"), ("tau", "tau", ".4f"), ("images_per_s", "img/s", ".0f"),
         ("test_knn_acc", "TEST knn", ".4f"), ("test_linear_acc", "TEST linear", ".4f"),
     ):
         if key in metrics:
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ssl_train.config import check_batch_fits
     from ssl_train.data import load_splits
     from ssl_train.run import previous_run, train
-    from tuning.tracking import RunTracker, default_tracking_uri, git_commit
+    from tuning.tracking import RunTracker, default_tracking_uri, git_commit, labels_tag
 
     extra = {"output_dir": str(args.output)} if args.output else {}
     config = config_from_args(args, extra)
@@ -88,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_batch_fits(config, len(splits.ssl_train))
     tracker = RunTracker(args.tracking_uri or default_tracking_uri(), args.experiment)
     commit = git_commit()
-    tags = {"method": config.method, "dataset": config.data.source, **({"git_commit": commit} if commit else {})}
+    tags = {"method": config.method, "dataset": config.data.source, **labels_tag(splits.num_classes),
+            **({"git_commit": commit} if commit else {})}
     run_id = tracker.create_run(Path(config.output_dir).name, config.flat(), tags)
 
     def on_epoch(metrics: dict[str, Any]) -> None:
@@ -109,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ssl_train.mlflow_models import log_embedding_model
         from ssl_train.run import load_backbone
 
-        scores = {key: f"{summary.metrics[key]:.4f}" for key in ("val_knn_acc", "test_knn_acc")
+        scores = {key: f"{summary.metrics[key]:.4f}" for key in ("val_knn_acc", "test_knn_acc", "val_rankme")
                   if key in summary.metrics}
         model_uri = log_embedding_model(tracker.tracking_uri, run_id, load_backbone(summary.output_dir), config,
                                         register=args.register, tags=scores)
@@ -244,7 +245,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nsearch trials of {outcome.name}, best first by val {settings.objective} at each trial's last epoch, "
           f"0 when diverged or collapsed (the split the search selected on; optimistic for the best trial):\n"
           f"{outcome.table_text}\n")
-    if outcome.confirmation_text:
+    if outcome.confirmation_text and outcome.margin is None:  # the data has no labels
+        print(f"confirmation by val {settings.objective} (no labels: no accuracy was measured):\n"
+              f"{outcome.confirmation_text}\n")
+    elif outcome.confirmation_text:
         print(f"confirmation on the untouched test split:\n{outcome.confirmation_text}\n")
     else:
         print("no confirmation (--no-confirm): no test score was measured; the config below is the best search "
@@ -268,7 +272,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(format_table(report, args.top))
     loaded = load_confirmation(report, uri, report.parent_params.get("sweep.objective", "knn_acc"), args.experiment)
     if loaded is not None:
-        print(f"\nconfirmation (test):\n{loaded[0].summary().to_string(index=False, float_format='{:.4f}'.format)}")
+        print(f"\nconfirmation ({'test' if loaded[0].accuracy_measured else 'val only: no labels'}):\n"
+              f"{loaded[0].table()}")
     if args.plots:
         for path in write_plots(load_study(report, uri), args.plots, loaded[0] if loaded else None):
             print(f"wrote {path}")
@@ -315,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
     tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
     tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    tune.add_argument("--objective", choices=["knn_acc", "linear_acc"], default="knn_acc")
+    tune.add_argument("--objective", choices=["knn_acc", "linear_acc", "rankme"], default="knn_acc",
+                      help="what trials are ranked by, on val: kNN or linear-probe accuracy (needs labels), or "
+                      "rankme (RankMe, the effective rank of the backbone's features: needs no labels; one method)")
     tune.add_argument("--trial-time-limit", help="stop a trial after this long, e.g. 5m")
     tune.add_argument("--time-budget", help="end the whole sweep after this long, e.g. 10m")
     tune.add_argument("--seed", type=int, default=0, help="seed of the searcher")

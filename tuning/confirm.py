@@ -8,6 +8,10 @@ and the augmentations), picks the winner by its mean **val** score, and only the
 a 95 % interval (Welch's t over seeds). This module holds the pure parts: which configs, the grid of
 runs, and the arithmetic; :mod:`tuning.sweep` runs the grid as Tune trials.
 
+With a label-free objective (``rankme``) the winner is picked by its mean val RankMe; where the data has labels,
+test is still read as kNN accuracy (:func:`test_metric`). Data with no labels has no test split: the summary then
+holds val RankMe only, and there is no margin (:attr:`Confirmation.accuracy_measured`).
+
 Every config is trained with the same seeds (``base_seed + i``): seed i of the winner and seed i of the
 default start from the same initial weights, data order and augmentation stream. The margin then uses
 the per-seed differences (a paired t interval), which removes the spread the seeds share; Welch's t over
@@ -28,6 +32,13 @@ from ssl_train.status import Status
 
 DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
+LABEL_FREE_OBJECTIVES = ("rankme",)  # objectives that need no labels (RankMe, Garrido et al. 2023, eq. 1)
+
+
+def test_metric(objective: str) -> str:
+    """What confirmation reads on test: the objective itself, or kNN accuracy for a label-free objective (RankMe
+    chooses among runs without labels; where test labels exist, accuracy is what a user needs to know)."""
+    return "knn_acc" if objective in LABEL_FREE_OBJECTIVES else objective
 
 
 def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[str, Any]]:
@@ -132,8 +143,17 @@ def seed_margin(winner: pd.Series, default: pd.Series, confidence: float = 0.95)
 class Confirmation:
     """The confirmation runs of one sweep, summarised per config."""
 
-    runs: pd.DataFrame  # one row per run: candidate, seed, val, test, status, run_id
-    objective: str  # e.g. "knn_acc": the runs' val_<objective> and test_<objective>
+    runs: pd.DataFrame  # one row per run: candidate, seed, val, test (NaN: not measured), status, run_id
+    objective: str  # e.g. "knn_acc": the runs' val_<objective>, and test_<test_metric(objective)>
+
+    @property
+    def test_metric(self) -> str:
+        return test_metric(self.objective)
+
+    @property
+    def accuracy_measured(self) -> bool:
+        """False when no run has a test score: the data has no labels, so nothing but val RankMe was measured."""
+        return bool(self.runs["test"].notna().any())
 
     def summary(self) -> pd.DataFrame:
         """Per config: mean and std of val and test over its seeds, best mean val first."""
@@ -149,24 +169,45 @@ class Confirmation:
         """The config with the best mean val over its seeds (test plays no part in the choice)."""
         return str(self.summary().iloc[0]["candidate"])
 
-    def test_scores(self, candidate: str) -> pd.Series:
-        """The finished runs' test scores of ``candidate``, indexed by seed."""
+    def scores(self, candidate: str, split: str = "test") -> pd.Series:
+        """The finished runs' ``split`` scores (``test`` or ``val``) of ``candidate``, indexed by seed."""
         rows = self.runs[(self.runs["candidate"] == candidate) & (self.runs["status"] == Status.FINISHED)]
-        return rows.set_index("seed")["test"]
+        return rows.set_index("seed")[split]
 
-    def margin(self) -> Margin:
-        return seed_margin(self.test_scores(self.winner), self.test_scores(DEFAULT_CANDIDATE))
+    def margin(self) -> Margin | None:
+        """The winner's test margin over the default; None when no accuracy was measured (no labels)."""
+        if not self.accuracy_measured:
+            return None
+        return seed_margin(self.scores(self.winner), self.scores(DEFAULT_CANDIDATE))
+
+    def table(self) -> str:
+        """The per-config summary as printed, its columns named for the metrics they hold; without labels, val
+        only."""
+        table = self.summary()
+        if not self.accuracy_measured:
+            table = table.drop(columns=["test_mean", "test_std"])
+        names = {f"{split}_{stat}": f"{split}_{metric}_{stat}" for split, metric in
+                 (("val", self.objective), ("test", self.test_metric)) for stat in ("mean", "std")}
+        return table.rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
     def format(self, baselines: dict[str, tuple[float, float]]) -> str:
-        """The table, the baselines, the margin and the verdict, as printed at the end of a sweep."""
-        table = self.summary()
-        lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), ""]
+        """The table, the baselines, the margin and the verdict, as printed at the end of a sweep; without labels,
+        the val RankMe of each config and a plain statement that no accuracy was measured."""
+        lines = [self.table(), ""]
+        seeds = int(self.summary()["seeds"].min()) if len(self.runs) else 0
+        chosen_by = "val" if self.objective == self.test_metric else f"val {self.objective}"
+        margin = self.margin()
+        if margin is None:
+            best = self.scores(self.winner, "val")
+            lines += [f"winner (best mean {chosen_by}): {self.winner}, {self.objective} {best.mean():.2f} ± "
+                      f"{best.std():.2f} over {len(best)} seeds",
+                      "no accuracy was measured: the data has no labels, so there is no test split, kNN or linear "
+                      f"probe; {self.objective} compares runs of one method, it is not an accuracy"]
+            return "\n".join(lines)
         for name, (mean, std) in baselines.items():
             lines.append(f"baseline {name}: test {mean:.4f}" + (f" ± {std:.4f}" if std else ""))
-        margin = self.margin()
-        seeds = int(table["seeds"].min()) if len(table) else 0
-        lines.append(f"winner (best mean val): {self.winner}; margin over the default on test: "
-                     f"{margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, {margin.high:+.4f}] "
-                     f"({margin.method}, {seeds} seeds each)")
+        lines.append(f"winner (best mean {chosen_by}): {self.winner}; margin over the default on test "
+                     f"{self.test_metric}: {margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, "
+                     f"{margin.high:+.4f}] ({margin.method}, {seeds} seeds each)")
         lines.append(margin.verdict(self.winner))
         return "\n".join(lines)

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
 from ssl_train.status import Status  # noqa: E402
-from tuning.confirm import Confirmation  # noqa: E402
+from tuning.confirm import Confirmation, test_metric  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
@@ -121,7 +121,8 @@ def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str
 
 def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
                       experiment: str = DEFAULT_EXPERIMENT) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
-    """The latest confirmation of a sweep (None when it has none) and each candidate's config.
+    """The latest confirmation of a sweep (None when it has none) and each candidate's config: val ``objective`` and
+    test :func:`~tuning.confirm.test_metric` of each run.
 
     A sweep extended after it was confirmed is confirmed again (Tune experiment ``confirm-<trials>``);
     only the runs of the confirmation of the most search trials count.
@@ -142,7 +143,7 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
             "candidate": candidate,
             "seed": config.seed,
             "val": run.data.metrics.get(f"val_{objective}"),
-            "test": run.data.metrics.get(f"test_{objective}"),
+            "test": run.data.metrics.get(f"test_{test_metric(objective)}"),  # None: not measured (no labels)
             "status": run.data.tags.get(STATUS_TAG, Status.RUNNING),
             "trial": run.data.tags[TRIAL_TAG],
             "run_id": run.info.run_id,
@@ -210,18 +211,23 @@ def _titled(axes: Any, title: str) -> Any:
 
 
 def _confirmation_plot(confirmation: Confirmation, baselines: dict[str, tuple[float, float]], path: Path) -> Path:
+    """Test accuracy per config (dots: seeds), the baselines as lines; without labels, val RankMe per config."""
     summary = confirmation.summary()
+    split, metric = (("test", confirmation.test_metric) if confirmation.accuracy_measured
+                     else ("val", confirmation.objective))
     fig, ax = plt.subplots(figsize=(7, 4))
     for position, candidate in enumerate(summary["candidate"]):
-        scores = confirmation.test_scores(candidate)
+        scores = confirmation.scores(candidate, split)
         ax.scatter([position] * len(scores), scores, c="tab:blue", alpha=0.6)
-        ax.errorbar(position, summary["test_mean"][position], yerr=summary["test_std"].fillna(0)[position],
+        ax.errorbar(position, summary[f"{split}_mean"][position], yerr=summary[f"{split}_std"].fillna(0)[position],
                     fmt="_", c="black", capsize=8, markersize=20)
     for (name, (mean, _)), colour in zip(baselines.items(), ("tab:red", "tab:gray"), strict=False):
         ax.axhline(mean, ls="--", c=colour, label=f"baseline: {name}")
     ax.set_xticks(range(len(summary)), summary["candidate"], rotation=15)
-    ax.set(ylabel=f"test {confirmation.objective}", title="confirmation: test accuracy per config (dots: seeds)")
-    ax.legend(fontsize=7)
+    what = "test accuracy" if split == "test" else "val RankMe (no labels: no accuracy measured)"
+    ax.set(ylabel=f"{split} {metric}", title=f"confirmation: {what} per config (dots: seeds)")
+    if baselines:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -52,9 +52,18 @@ from tuning.tracking import (
     MLflowSweepCallback,
     default_tracking_uri,
     git_commit,
+    labels_tag,
     trial_outcome,
 )
-from tuning.trial import OBJECTIVE, TRIAL_CHECKPOINTS, TRIAL_CPU_WHEN_DISTRIBUTED, run_trial, trial_config
+from tuning.trial import (
+    OBJECTIVE,
+    TRIAL_CHECKPOINTS,
+    TRIAL_CPU_WHEN_DISTRIBUTED,
+    check_labels,
+    check_objective,
+    run_trial,
+    trial_config,
+)
 
 SETTINGS_FILE = "ssl_tune_sweep.json"
 STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
@@ -78,7 +87,7 @@ class SweepSettings:
     concurrency: int = 2
     searcher: str = "tpe"
     scheduler: str = "asha"
-    objective: str = "knn_acc"
+    objective: str = "knn_acc"  # knn_acc | linear_acc | rankme (needs no labels)
     collapse_threshold: float = 0.05
     trial_time_limit_s: float | None = None
     time_budget_s: float | None = None
@@ -289,7 +298,7 @@ class _Stage:
             experiment=settings.experiment,
             describe_trial=_trial_describer(self.base, self.space, self.space.source, self.splits.preview(8), workdir),
             sweep_tags={"method": self.base.method, "dataset": self.base.data.source,
-                        "search_space": self.space.source},
+                        "search_space": self.space.source, **labels_tag(self.splits.num_classes)},
             sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
             sweep_metrics={"leak_rate": self.splits.leaks.rate} if self.splits.leaks else None,
             stage=stage,
@@ -348,6 +357,7 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
         raise ConfigError(f"--min-epochs {settings.min_epochs} is more than the trials' {base.optim.epochs} epochs "
                           "(--epochs / optim.epochs): ASHA could never stop a trial; lower --min-epochs")
     space = load_space(settings.space, base)
+    check_objective(settings.objective, space)
     if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
         raise ConfigError(
             f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
@@ -362,6 +372,7 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     check_reachable(settings.tracking_uri)  # before any trial starts
     splits = load_splits(base.data)  # bad data fails here, once, not in every trial
     print(splits.summary())
+    check_labels(settings.objective, splits)
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
@@ -533,8 +544,8 @@ class SweepOutcome:
     path: Path
     table_text: str  # the search trials, best val first
     best_config_path: Path  # the confirmed winner (the best search trial with --no-confirm)
-    confirmation_text: str | None  # per-config test mean ± std, baselines, margin and verdict
-    margin: Margin | None
+    confirmation_text: str | None  # per-config test mean ± std, baselines, margin and verdict (no labels: val RankMe)
+    margin: Margin | None  # None without confirmation, or without labels (no accuracy measured)
     parent_run_id: str
     model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
     dropped_checkpoints: int = 0  # trials whose checkpoints were deleted (pruned, collapsed, diverged, failed)
@@ -591,30 +602,37 @@ def finish_sweep(
     confirmation, margin, text, reference = None, None, None, {}
     if loaded is not None and settings.confirm:
         confirmation, configs = loaded
-        splits = load_splits(base.replace({"data.leak_check": False}).data)  # checked and logged at the start
-        reference = baselines(base, splits, settings.confirm_seeds, settings.objective)
+        measured = confirmation.test_metric
+        if confirmation.accuracy_measured:  # data with no labels has no test split: nothing to compare with
+            splits = load_splits(base.replace({"data.leak_check": False}).data)  # checked and logged at the start
+            reference = baselines(base, splits, settings.confirm_seeds, measured)
         margin = confirmation.margin()
         text = confirmation.format(reference)
         winner = configs[confirmation.winner].replace({"seed": base.seed})
         summary = confirmation.summary().set_index("candidate")
+        test_scores = {} if margin is None else {
+            "confirm_margin": margin.difference, "confirm_margin_low": margin.low,
+            "confirm_margin_high": margin.high,
+            f"winner_test_{measured}": summary.loc[confirmation.winner, "test_mean"],
+            f"default_test_{measured}": summary.loc[DEFAULT_CANDIDATE, "test_mean"],
+            **{f"baseline_{name}_test": mean for name, (mean, _) in zip(BASELINE_KEYS, reference.values(),
+                                                                         strict=True)},
+        }
         client.log_batch(report.parent_id, metrics=[
             Metric(key, float(value), int(time.time() * 1000), 0) for key, value in {
-                "confirm_margin": margin.difference, "confirm_margin_low": margin.low,
-                "confirm_margin_high": margin.high,
-                f"winner_test_{settings.objective}": summary.loc[confirmation.winner, "test_mean"],
-                f"default_test_{settings.objective}": summary.loc[DEFAULT_CANDIDATE, "test_mean"],
-                **{f"baseline_{name}_test": mean for name, (mean, _) in zip(BASELINE_KEYS, reference.values(),
-                                                                             strict=True)},
+                f"winner_val_{settings.objective}": summary.loc[confirmation.winner, "val_mean"], **test_scores,
             }.items() if np.isfinite(value)])
         client.set_tag(report.parent_id, "ssl_tune.winner", confirmation.winner)
-        client.set_tag(report.parent_id, "ssl_tune.margin_interval", margin.method)
+        if margin is not None:
+            client.set_tag(report.parent_id, "ssl_tune.margin_interval", margin.method)
         confirmation.runs.to_csv(path / "confirmation.csv", index=False)
         artifacts = [path / "confirmation.csv"]
         weights = _checkpoints(confirm or [])
         keep = confirmation.runs[confirmation.runs["candidate"] == confirmation.winner]
         scores = {"sweep": settings.name, "stage": "confirm",
                   f"val_{settings.objective}": f"{summary.loc[confirmation.winner, 'val_mean']:.4f}",
-                  f"test_{settings.objective}": f"{summary.loc[confirmation.winner, 'test_mean']:.4f}"}
+                  **({} if margin is None else
+                     {f"test_{measured}": f"{summary.loc[confirmation.winner, 'test_mean']:.4f}"})}
     else:
         winner = report.configs[report.best["run_id"]]
         artifacts = []

@@ -36,6 +36,8 @@ DEFAULT_TAG = "ssl_tune.is_default_config"
 STAGE_TAG = "ssl_tune.stage"  # search (selects on val) or confirm (seeded re-runs, the only ones that read test)
 TUNE_EXPERIMENT_TAG = "ssl_tune.tune_experiment"  # the Tune experiment of a trial: the sweep's, extend-K, confirm-N
 CANDIDATE_TAG = "ssl_tune.candidate"  # a confirmation run's config: "default" or trial_<id> of the search
+LABELS_TAG = "ssl_tune.labels"  # the classes of the data, or that it has none and no accuracy was measured
+NO_LABELS = "none: no accuracy measured (no test split, kNN or linear probe); runs scored by RankMe on val"
 DEFAULT_EXPERIMENT = "ssl-tune"
 # What a tracking server that went away raises through MlflowClient (connection refused, timeouts, 5xx).
 TRACKING_FAILURES = (MlflowException, requests.RequestException, OSError)
@@ -76,6 +78,11 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         f"MLflow tracking server {tracking_uri} is not reachable ({problem}); start it "
         f"(`mlflow server --host 127.0.0.1 --port PORT`) or pass --tracking-uri for one that runs"
     )
+
+
+def labels_tag(num_classes: int) -> dict[str, str]:
+    """The tag that says whether the data has labels (``10 classes``) or none (:data:`NO_LABELS`)."""
+    return {LABELS_TAG: f"{num_classes} classes" if num_classes else NO_LABELS}
 
 
 def numeric_metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -4,8 +4,8 @@ A one-worker trial runs the train loop right in the trial process and reports wi
 ``ray.tune.report`` (no worker group to start: ~25 s saved per trial on a small machine).
 A trial that asks for 2+ workers runs a Ray Train ``TorchTrainer`` inside the trial and
 forwards its reports with ``TuneReportCallback``; the trial itself then holds only a sliver
-of a CPU. Either way the trial reports ``objective``: the held-out accuracy, or 0 for a
-diverged or collapsed run, which also ends the trial early.
+of a CPU. Either way the trial reports ``objective``: the held-out accuracy (or, with ``rankme``, the val
+RankMe, which needs no labels), or 0 for a diverged or collapsed run, which also ends the trial early.
 
 A search trial's params are the searcher's dotted overrides; a confirmation trial's params hold one
 ``confirm`` entry (candidate, seed, overrides; see :mod:`tuning.confirm`). :func:`trial_overrides`
@@ -21,12 +21,13 @@ from typing import Any
 from ray import tune
 from ray.tune import Checkpoint
 
-from ssl_train.config import TrainConfig, from_dict
+from search_spaces import SearchSpace, SearchSpaceError
+from ssl_train.config import ConfigError, TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
 from ssl_train.distributed import build_trainer, checkpoint_state
 from ssl_train.loop import WorkerContext, in_process_device, train_loop
 from ssl_train.status import Status
-from tuning.confirm import CONFIRM_KEY
+from tuning.confirm import CONFIRM_KEY, LABEL_FREE_OBJECTIVES
 from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
@@ -45,13 +46,37 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_dir: str) -
 
 
 def objective_value(metrics: dict[str, Any], objective: str, previous: float) -> float:
-    """The number the searcher and scheduler see: 0 for a broken run, else the val accuracy (kept when not measured).
+    """The number the searcher and scheduler see: 0 for a broken run, else the val score (kept when not measured).
 
-    ``objective`` names the accuracy (``knn_acc``, ``linear_acc``); the value is always the val split's.
+    ``objective`` names the score (``knn_acc``, ``linear_acc``, or ``rankme``: Garrido et al. 2023, eq. 1, on the
+    backbone's val features); the value is always the val split's.
     """
     if metrics.get("status") in (Status.DIVERGED, Status.COLLAPSED):
         return 0.0
     return float(metrics.get(f"val_{objective}", previous))
+
+
+def check_objective(objective: str, space: SearchSpace) -> None:
+    """A label-free objective compares runs of one method only: a space that searches ``method`` is refused.
+
+    RankMe's scale depends on the method (its loss and head shape the feature spectrum); Garrido et al. 2023 validate
+    it only between runs of one method, so a sweep over two would rank the methods, not the recipes.
+    """
+    methods = {value for param in space.params if param.path == "method" for value in param.choices or ()}
+    if objective in LABEL_FREE_OBJECTIVES and len(methods) > 1:
+        raise SearchSpaceError(
+            f"{space.source}: method: searched over {sorted(methods)}, but --objective {objective} compares runs of "
+            f"one method only ({objective} values of different methods are not comparable); fix method in the space "
+            "(fixed: {method: byol}) and run one sweep per method, or use --objective knn_acc with labels")
+
+
+def check_labels(objective: str, splits: DatasetSplits) -> None:
+    """Data with no labels can only be searched with a label-free objective."""
+    if not splits.labeled and objective not in LABEL_FREE_OBJECTIVES:
+        raise ConfigError(
+            f"--objective {objective} needs labels, but {splits.name} has none (no class sub-folders, no 'label' "
+            f"column, no data.labeled_path); use --objective {LABEL_FREE_OBJECTIVES[0]} (needs no labels) or set "
+            "data.labeled_path")
 
 
 def run_trial(

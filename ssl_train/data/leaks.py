@@ -128,8 +128,9 @@ class LeakCheck:
         checked = self.val_checked + self.test_checked
         sample = f", on a sample of {checked} of {self.total}" if checked < self.total else ""
         val, test = self.val_flagged / max(self.val_checked, 1), self.test_flagged / max(self.test_checked, 1)
-        return (f"leak check: {self.rate:.1%} of val+test images have a near-duplicate in the training images "
-                f"(val {val:.1%}, test {test:.1%}; pixel similarity >= {self.threshold}{sample})")
+        which, parts = ("val+test", f"val {val:.1%}, test {test:.1%}; ") if self.test_checked else ("val", "")
+        return (f"leak check: {self.rate:.1%} of {which} images have a near-duplicate in the training images "
+                f"({parts}pixel similarity >= {self.threshold}{sample})")
 
     def warning(self) -> str | None:
         """One line when the rate is above WARN_RATE, else None."""

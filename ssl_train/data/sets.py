@@ -39,23 +39,31 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
-    """The sets one run uses: SSL-train images, and three disjoint labeled sets.
+    """The sets one run uses: SSL-train images, and three disjoint labeled sets (only val without labels).
 
     ``eval_train`` is the kNN memory and the linear probe's training set (it may be the same object as
     ``ssl_train``); ``val`` gives the per-epoch objective that the search selects on; ``test`` is read
     only once a run has finished (a confirmation run or ``ssl-tune train``), never by search trials.
     ``val`` and ``test`` images are never among the SSL-train images.
+
+    Data with no labels (``num_classes`` 0) has neither ``eval_train`` nor ``test``: ``val`` is a fixed sample
+    of unlabeled images, held out for label-free scores (RankMe), and no accuracy can be measured.
     """
 
     name: str
     ssl_train: Optional[ImageSet]  # None: streamed to the workers by Ray Data (data.streaming)
-    eval_train: ImageSet
+    eval_train: Optional[ImageSet]  # None: no labels
     val: ImageSet
-    test: ImageSet
-    num_classes: int
+    test: Optional[ImageSet]  # None: no labels
+    num_classes: int  # 0: no labels
     skipped: list[str]
     notes: list[str] = field(default_factory=list)
     leaks: Optional[LeakCheck] = None  # data.leak_check: near-copies of val/test images among the training images
+
+    @property
+    def labeled(self) -> bool:
+        """True when the data has labels: eval-train and test exist, and accuracy can be measured."""
+        return self.num_classes > 0
 
     def preview(self, count: int) -> torch.Tensor:
         """The first ``count`` training images (the labeled ones when the SSL-train set is streamed)."""
@@ -63,17 +71,19 @@ class DatasetSplits:
         return shown.images[:count]
 
     def summary(self) -> str:
-        size = self.test.images.shape[-1]
+        size = self.val.images.shape[-1]
         ssl = f"{len(self.ssl_train)} SSL-train" if self.ssl_train is not None else "SSL-train streamed by Ray Data"
-        text = (
-            f"{self.name}: {ssl}, {len(self.eval_train)} eval-train, {len(self.val)} val, "
-            f"{len(self.test)} test images ({self.num_classes} classes, {size}x{size}); "
-            f"skipped {len(self.skipped)} unreadable"
-        )
+        if self.eval_train is not None and self.test is not None:
+            sets = (f"{len(self.eval_train)} eval-train, {len(self.val)} val, {len(self.test)} test images "
+                    f"({self.num_classes} classes, {size}x{size})")
+        else:
+            sets = (f"{len(self.val)} val images ({size}x{size}), no labels: no accuracy can be measured (no kNN, "
+                    "linear probe or test split); runs are scored by RankMe on the val images (--objective rankme)")
+        text = f"{self.name}: {ssl}, {sets}; skipped {len(self.skipped)} unreadable"
         if self.skipped:
             more = len(self.skipped) - 3
             text += ": " + ", ".join(self.skipped[:3]) + (f" (+{more} more)" if more > 0 else "")
-        if self.test.groups is not None:
+        if self.val.groups is not None:
             parts = [("SSL-train", self.ssl_train), ("eval-train", self.eval_train), ("val", self.val),
                      ("test", self.test)]
             text += "; groups: " + ", ".join(f"{part.group_count()} {name}" for name, part in parts if part is not None)

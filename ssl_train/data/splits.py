@@ -57,7 +57,7 @@ def _group_fold(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rest, held-out) indices with no group on both sides: the held-out part is one of ``round(1 / fraction)``
     folds of scikit-learn's StratifiedGroupKFold (fixed seed), the first that leaves every class on both sides."""
-    folds = max(2, round(1 / fraction))
+    folds = _fold_count(fraction)
     classes = np.unique(labels)
     if len(np.unique(groups)) >= folds:
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=SPLIT_SEED)
@@ -71,6 +71,11 @@ def _group_fold(
         f"stratified group folds, so each class needs about {folds} groups or more to be in both parts. "
         f"{_GROUP_FIX.format(name=name, more=_FEWER_FOLDS)}"
     )
+
+
+def _fold_count(fraction: float) -> int:
+    """The group folds a held-out ``fraction`` is one of."""
+    return max(2, round(1 / fraction))
 
 
 _GROUP_FIX = "Fix: add images from more groups to class '{name}', {more}use a finer data.group_by, or leave it out"
@@ -141,10 +146,25 @@ def _require_classes(num_classes: int, where: str) -> None:
 
 def _needs_labels(where: str) -> DataError:
     return DataError(
-        f"'{where}' holds unlabeled images, but evaluation (kNN / linear-probe accuracy, the tuning objective) "
-        "needs labeled ones: set data.labeled_path to a folder with one sub-folder per class "
-        "(<labeled_path>/<class>/*.png) or to a parquet file with an integer 'label' column"
+        f"data.labeled_path='{where}' holds unlabeled images, but it is there for evaluation (kNN / linear-probe "
+        "accuracy): give a folder with one sub-folder per class (<labeled_path>/<class>/*.png) or a parquet file "
+        "with an integer 'label' column; without labels, leave data.labeled_path unset (scored by RankMe)"
     )
+
+
+def _unlabeled_splits(name: str, pool: ImageSet, config: DataConfig, skipped: list[str],
+                      notes: list[str]) -> DatasetSplits:
+    """Data with no labels: ``data.val_fraction`` of the images (whole groups with ``data.group_by``) held out as the
+    fixed val sample that label-free scores (RankMe) read, the rest SSL-train; no eval-train or test set."""
+    folds = _fold_count(config.val_fraction)
+    if pool.groups is not None and pool.group_count() < folds:
+        raise DataError(
+            f"cannot hold out the val sample by group (data.group_by): the {len(pool)} unlabeled images come from "
+            f"{pool.group_count()} group(s), and data.val_fraction={config.val_fraction} holds out 1 of {folds} "
+            f"group folds. Fix: add images from more groups, {_FEWER_FOLDS}use a finer data.group_by, or leave it out"
+        )
+    ssl_train, val = _hold_out(pool, config.val_fraction, "val", notes)
+    return DatasetSplits(name, ssl_train, None, val, None, 0, skipped, notes)
 
 
 def _digits_splits(config: DataConfig) -> DatasetSplits:
@@ -191,8 +211,8 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
         _require_classes(records.num_classes, str(path))
         ssl_train, val, test = _val_test(main, config, notes, records.class_names)
         eval_pool, num_classes = ssl_train, records.num_classes
-    else:
-        raise _needs_labels(str(path))
+    else:  # no labels anywhere: a val sample for RankMe, no accuracy
+        return _unlabeled_splits(str(path), main, config, skipped, notes)
     eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
     return DatasetSplits(str(path), ssl_train, eval_train, val, test, num_classes, skipped, notes)
 
@@ -259,7 +279,9 @@ def load_splits(config: DataConfig) -> DatasetSplits:
     else:
         splits = _file_splits(config)
     if config.leak_check and splits.ssl_train is not None:
-        training = [splits.ssl_train] + ([splits.eval_train] if splits.eval_train is not splits.ssl_train else [])
+        apart = splits.eval_train is not None and splits.eval_train is not splits.ssl_train
+        training = [splits.ssl_train] + ([splits.eval_train] if apart else [])
         reference = torch.cat([part.images for part in training])
-        splits.leaks = check_leaks(splits.val.images, splits.test.images, reference)
+        test = splits.test.images if splits.test is not None else splits.val.images[:0]
+        splits.leaks = check_leaks(splits.val.images, test, reference)
     return splits
