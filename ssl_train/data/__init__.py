@@ -4,7 +4,8 @@ Sources (``DataConfig.source``):
 
 - ``digits``: scikit-learn's 1,797 labeled 8x8 digits (ships with the dependency, no download).
 - ``folder``: class sub-folders ``path/<class>/*.png`` (labeled), or a flat folder of unlabeled
-  images plus ``labeled_path`` (class sub-folders or parquet) for evaluation.
+  images plus ``labeled_path`` (class sub-folders or parquet) for evaluation. With no labels at all, a fixed
+  ``val_fraction`` of the images is held out for label-free scores (RankMe), and there is no eval-train or test set.
 - ``parquet``: a file or a folder of ``.parquet`` files, columns ``image`` (encoded bytes) and
   optional ``label`` (integer; null = unlabeled). ``folder_to_parquet`` writes this format.
 - ``cifar10`` / ``stl10``: torchvision datasets under ``download_root`` (downloaded when missing).
