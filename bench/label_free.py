@@ -123,7 +123,7 @@ def run_dataset(dataset: str, data: list[str], args: argparse.Namespace, workdir
         "kNN winner": knn_winner, "kNN winner margin (test)": margins[knn_winner].difference,
         "kNN 95 %": f"[{margins[knn_winner].low:+.3f}, {margins[knn_winner].high:+.3f}]",
         "RankMe - kNN winner (test, points)": 100 * (means[rankme_winner] - means[knn_winner]),
-        "max |reported - checkpoint| val RankMe": float((scores["reported val_rankme"] - scores["val_rankme"]).abs()
+        "max abs(reported - checkpoint) val RankMe": float((scores["reported val_rankme"] - scores["val_rankme"]).abs()
                                                          .max()),
         "sweep s": searched_s, "total s": time.monotonic() - started,
     }

@@ -224,7 +224,7 @@ def _confirmation_plot(confirmation: Confirmation, baselines: dict[str, tuple[fl
     for (name, (mean, _)), colour in zip(baselines.items(), ("tab:red", "tab:gray"), strict=False):
         ax.axhline(mean, ls="--", c=colour, label=f"baseline: {name}")
     ax.set_xticks(range(len(summary)), summary["candidate"], rotation=15)
-    what = "test accuracy" if split == "test" else "val RankMe (no labels: no accuracy measured)"
+    what = "test accuracy" if split == "test" else "val RankMe, no labels"
     ax.set(ylabel=f"{split} {metric}", title=f"confirmation: {what} per config (dots: seeds)")
     if baselines:
         ax.legend(fontsize=7)
