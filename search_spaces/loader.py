@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
-from ssl_train.config import ConfigError, TrainConfig
+from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
 
 if TYPE_CHECKING:
     import optuna
@@ -143,6 +143,21 @@ class SearchSpace:
 
     def searched_keys(self) -> list[str]:
         return [param.path for param in self.params]
+
+    def check_batch_fits(self, base: TrainConfig, num_train_images: int) -> None:
+        """Every batch size a trial can get (fixed, each choice, an int range's top; else ``base``'s) must fit
+        the ``num_train_images`` SSL-train images; checked when the data is known, before any trial."""
+        key = "optim.batch_size"
+        sizes = [("fixed value", self.fixed[key])] if key in self.fixed else []
+        for param in self.params:
+            if param.path == key:
+                sizes += [(param.kind, value) for value in (param.choices if param.kind == "choice" else [param.high])]
+        if not sizes:
+            check_batch_fits(base, num_train_images)
+        for where, size in sizes:
+            if size > num_train_images:
+                raise _error(self.source, key, f"{where} {size} exceeds the {num_train_images} SSL-train images of "
+                             "the data", "keep every batch size <= the number of SSL-train images")
 
     def _decide(self, pick: Callable[[Param], Any]) -> dict[str, Any]:
         values = copy.deepcopy(self.fixed)

@@ -9,6 +9,7 @@ starts; an error names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,7 +246,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. optim.lr=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({getattr(error, 'problem', error)}); "
+                          "quote it or fix it, e.g. augment.crop_scale=[0.2,1.0]") from None
 
 
 # ---------------------------------------------------------------- typed construction
@@ -333,6 +338,9 @@ def load_config(
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file '{path}' is not a YAML text file (byte {error.start} is not UTF-8 "
+                              "text)") from None
     if isinstance(overrides, list):
         overrides = dict(parse_override(text) for text in overrides)
     try:
@@ -373,6 +381,9 @@ def min_image_size(backbone: BackboneConfig) -> int:
 
 def validate(c: TrainConfig) -> None:
     """Cross-field and range checks; raises ConfigError naming key, value and what is allowed."""
+    for key, value in c.flat().items():  # .inf and .nan are YAML floats; no field takes them
+        _require(all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])
+                     if isinstance(v, float)), key, value, "must be a finite number")
     _require(c.seed >= 0, "seed", c.seed, "use a non-negative integer")
     b, s = c.byol, c.swav
     _require(0.0 <= b.tau_base <= 1.0, "byol.tau_base", b.tau_base, "must lie in [0, 1] (paper: 0.996)")
@@ -482,5 +493,17 @@ def _check_group_by(d: DataConfig) -> None:
 
 def check_batch_fits(config: TrainConfig, num_train_images: int) -> None:
     """The global batch must not exceed the SSL training set (checked once data is known)."""
+    if num_train_images < 2:
+        raise ConfigError(f"the SSL training set has {num_train_images} image(s); training needs at least 2 (a "
+                          "batch of >= 2: BatchNorm needs 2 samples): add images to data.path")
     _require(config.optim.batch_size <= num_train_images, "optim.batch_size", config.optim.batch_size,
              f"the SSL training set has only {num_train_images} images; use a batch size <= that")
+
+
+def check_at_least(holder: Any, least: dict[str, int]) -> None:
+    """Command-line counts (``holder.trials``, ...) that are set must reach their minimum:
+    ``--trials 0 is invalid; it must be >= 1``."""
+    for name, minimum in least.items():
+        value = getattr(holder, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is invalid; it must be >= {minimum}")

@@ -34,9 +34,11 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ssl_train import uris
 from ssl_train.checkpoint import load_checkpoint, save_checkpoint
-from ssl_train.config import ConfigError, TrainConfig, from_dict
+from ssl_train.config import TrainConfig, from_dict
 from ssl_train.loop import Reporter, RunFailedError, RunOutcome, WorkerContext, train_loop
+from ssl_train.resources import refusal, shortfall, worker_resources
 from ssl_train.status import Status
 from ssl_train.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
 
@@ -48,14 +50,9 @@ def scaling_config(config: TrainConfig) -> ScalingConfig:
     return ScalingConfig(
         num_workers=workers,
         use_gpu=s.use_gpu,
-        resources_per_worker=_worker_resources(config),
+        resources_per_worker=worker_resources(config),
         elastic_resize_monitor_interval_s=s.resize_interval_s,
     )
-
-
-def _worker_resources(config: TrainConfig) -> dict[str, float]:
-    s = config.scaling
-    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
 def checkpoint_state(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
@@ -133,8 +130,10 @@ def build_trainer(
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (an existing cluster), or start a local one, once per process."""
+    """Connect to ``address`` (an existing cluster, refused at once when it does not answer), or start a local
+    one, once per process."""
     if not ray.is_initialized():
+        uris.check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
 
 
@@ -144,27 +143,16 @@ def check_capacity(config: TrainConfig, *, may_grow: bool) -> None:
     With ``may_grow`` (a cluster joined by address, which an autoscaler may enlarge) print that
     the run waits for nodes instead of failing.
     """
-    s = config.scaling
-    per_worker = _worker_resources(config)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    total = ray.cluster_resources()
-    for key, amount in per_worker.items():
-        largest = max((node.get(key, 0.0) for node in nodes), default=0.0)
-        decoding = STREAMING_CPUS if key == "CPU" and config.data.streaming else 0.0
-        needed = s.min_workers * amount + decoding
-        if amount <= largest and needed <= total.get(key, 0.0):
-            continue
-        field = "scaling.cpus_per_worker" if key == "CPU" else "scaling.gpus_per_worker"
-        problem = (
-            f"scaling.min_workers={s.min_workers} workers x {field}={amount:g}"
-            + (f" + {decoding:g} for Ray Data's decode tasks (data.streaming)" if decoding else "")
-            + f" need {needed:g} {key} (at most {largest:g} on one node); "
-            f"the Ray cluster has {total.get(key, 0.0):g} {key}"
-        )
-        if may_grow:
-            print(f"ssl-tune: {problem}: waiting for nodes to join", file=sys.stderr, flush=True)
-            return
-        raise ConfigError(f"{problem}; ask for fewer workers (--workers), lower {field}, or add nodes")
+    largest = {key: max((node.get(key, 0.0) for node in nodes), default=0.0) for key in worker_resources(config)}
+    found = shortfall(config, largest, ray.cluster_resources(), "the Ray cluster",
+                      STREAMING_CPUS if config.data.streaming else 0.0)
+    if found is None:
+        return
+    if may_grow:
+        print(f"ssl-tune: {found[0]}: waiting for nodes to join", file=sys.stderr, flush=True)
+        return
+    raise refusal(*found)
 
 
 def _failure_message(error: TrainingFailedError, max_failures: int) -> str:

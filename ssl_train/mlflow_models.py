@@ -11,15 +11,16 @@ of a registered model with the alias ``best``. :func:`fetch_run_files` resolves 
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from ssl_train import uris
 from ssl_train.config import TrainConfig
 from ssl_train.embedding import EmbeddingModel, example_images
 
@@ -53,24 +54,32 @@ def log_embedding_model(
     return f"models:/{register}/{version}"
 
 
-def fetch_run_files(source: str, tracking_uri: str | None = None) -> Path:
-    """A local folder with ``config.yaml`` and ``backbone.pt`` of an MLflow run id or a ``models:/`` URI."""
-    client = MlflowClient(tracking_uri)
-    run_id = source
-    if source.startswith("models:/"):
-        name, _, ref = source.removeprefix("models:/").partition("@")
-        if ref:
-            version = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
-        run_id = version.run_id
-    elif source.startswith("runs:/"):
-        run_id = source.removeprefix("runs:/").partition("/")[0]
-    elif not RUN_ID.match(source):
+def fetch_run_files(source: str, tracking_uri: str | None, folder: Path) -> Path:
+    """``config.yaml`` and ``backbone.pt`` of an MLflow run id or a ``models:/`` URI, downloaded into ``folder``.
+
+    A local store that does not exist is refused (MLflow would create an empty one); a run, model or alias
+    it does not hold is a LookupError naming ``source`` and the store.
+    """
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    if not source.startswith(("models:/", "runs:/")) and not RUN_ID.match(source):
         raise FileNotFoundError(f"'{source}' is not a run directory, an MLflow run id, runs:/ID/model or a "
                                 "models:/NAME@alias URI")
-    folder = Path(tempfile.mkdtemp(prefix=f"ssl-tune-{run_id[:8]}-"))
-    for name in ("config.yaml", "backbone.pt"):
-        client.download_artifacts(run_id, name, str(folder))
+    uris.check_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        run_id = source
+        if source.startswith("models:/"):
+            name, _, ref = source.removeprefix("models:/").partition("@")
+            if ref:
+                version = client.get_model_version_by_alias(name, ref)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+            run_id = version.run_id
+        elif source.startswith("runs:/"):
+            run_id = source.removeprefix("runs:/").partition("/")[0]
+        for name in ("config.yaml", "backbone.pt"):
+            client.download_artifacts(run_id, name, str(folder))
+    except MlflowException as error:
+        raise LookupError(f"'{source}': {error.message} in the MLflow store {tracking_uri}") from None
     return folder

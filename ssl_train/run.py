@@ -11,8 +11,11 @@ start-up to pay) and under Ray Train otherwise. Either way the run directory end
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,18 @@ from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import DatasetSplits
 from ssl_train.embedding import EmbeddingModel
 from ssl_train.loop import RunOutcome, WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.resources import check_in_process
 from ssl_train.status import Status
 
 BACKBONE_FILE = "backbone.pt"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", BACKBONE_FILE)  # what a run leaves in its folder
+# What torch.load and load_state_dict raise on a file that is not a state_dict of the backbone (garbage, an
+# empty or truncated file, another model's weights).
+_UNREADABLE = (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, TypeError, ValueError)
+
+
+class BackboneError(ValueError):
+    """A run's ``backbone.pt`` is not a readable backbone of its config."""
 
 
 def previous_run(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> list[Path]:
@@ -55,28 +66,61 @@ def export_backbone(checkpoint: str | Path, config: TrainConfig, destination: st
     return destination
 
 
-def run_files(source: str | Path, tracking_uri: str | None = None) -> Path:
+@contextmanager
+def run_files(source: str | Path, tracking_uri: str | None = None) -> Iterator[Path]:
     """A folder holding a trained run's ``config.yaml`` and ``backbone.pt``: a run directory as it is, or
-    those two artifacts of an MLflow run id or ``models:/NAME@alias`` URI, downloaded."""
+    those two artifacts of an MLflow run id or ``models:/NAME@alias`` URI, downloaded into a temporary
+    folder that is removed on exit (also when the download fails)."""
     if Path(source).is_dir():
-        return Path(source)
+        yield Path(source)
+        return
     from ssl_train.mlflow_models import fetch_run_files  # the MLflow edge, only when it is needed
 
-    return fetch_run_files(str(source), tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="ssl-tune-") as folder:
+        yield fetch_run_files(str(source), tracking_uri, Path(folder))
+
+
+def _read_backbone(folder: Path, source: str | Path) -> nn.Module:
+    """The backbone in ``folder`` (the files of ``source``), in eval mode; a BackboneError names ``source``."""
+    config = load_config(folder / "config.yaml").backbone
+    backbone = build_backbone(config)
+    where = f"the {BACKBONE_FILE} of '{source}'"
+    try:
+        state = torch.load(folder / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    except _UNREADABLE as error:
+        raise BackboneError(f"{where} is not a readable backbone: not a PyTorch weights file "
+                            f"({type(error).__name__})") from None
+    try:
+        backbone.load_state_dict(state)
+    except _UNREADABLE as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise BackboneError(f"{where} is not a readable backbone: not a state_dict of its config's "
+                            f"backbone.name={config.name!r} ({reason})") from None
+    return backbone.eval()
 
 
 def load_backbone(source: str | Path, tracking_uri: str | None = None) -> nn.Module:
     """The trained backbone of a run directory, an MLflow run id or ``models:/NAME@best``, in eval mode."""
-    folder = run_files(source, tracking_uri)
-    backbone = build_backbone(load_config(folder / "config.yaml").backbone)
-    backbone.load_state_dict(torch.load(folder / BACKBONE_FILE, map_location="cpu", weights_only=True))
-    return backbone.eval()
+    with run_files(source, tracking_uri) as folder:
+        return _read_backbone(folder, source)
 
 
 def load_embedding_model(source: str | Path, tracking_uri: str | None = None) -> EmbeddingModel:
     """Raw uint8 pixels in, embeddings out: the backbone with its run's preprocessing (image size, normalisation)."""
-    folder = run_files(source, tracking_uri)
-    return EmbeddingModel(load_backbone(folder), load_config(folder / "config.yaml").data.image_size)
+    with run_files(source, tracking_uri) as folder:
+        return EmbeddingModel(_read_backbone(folder, source), load_config(folder / "config.yaml").data.image_size)
+
+
+def runs_in_process(config: TrainConfig, address: str | None = None) -> bool:
+    """A run of one worker with no cluster address trains in this process (no Ray)."""
+    return config.scaling.max_workers == 1 and address is None
+
+
+def check_device(config: TrainConfig, address: str | None = None) -> None:
+    """Refuse GPUs (``scaling.use_gpu``) for a run in this process where none are visible: it would train on
+    the CPU. A run under Ray is checked against the cluster (:func:`ssl_train.distributed.check_capacity`)."""
+    if runs_in_process(config, address):
+        check_in_process(config, torch.cuda.device_count())
 
 
 def train(
@@ -98,6 +142,7 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     old_files = previous_run(output_dir, resume, overwrite)
+    check_device(config, address)
     start_from = latest_checkpoint(checkpoint_dir) if resume else None
     if resume and start_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint under '{checkpoint_dir}'; run without --resume to start")
@@ -116,7 +161,7 @@ def train(
         if on_epoch is not None:
             on_epoch(metrics)
 
-    if config.scaling.max_workers > 1 or address is not None:
+    if not runs_in_process(config, address):
         from ssl_train.distributed import fit
 
         outcome = fit(config, record, resume_from=start_from, address=address)

@@ -1,15 +1,35 @@
-"""The ``ssl-tune`` command line."""
+"""The ``ssl-tune`` command line.
+
+Bad input is one line, ``ssl-tune: error: ...`` with exit code 2, within seconds: each command checks its
+arguments and config before it imports torch, MLflow or Ray (seconds of imports), and :func:`main` turns
+the errors that reach the user (ours, YAML's, MLflow's, the OS's) into that line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from ssl_train.config import ConfigError, TrainConfig, load_config, parse_override
+from ssl_train import uris
+from ssl_train.config import (
+    BackboneConfig,
+    ConfigError,
+    TrainConfig,
+    check_at_least,
+    load_config,
+    min_image_size,
+    parse_override,
+)
 from ssl_train.status import Status
 
 DEMO_SWEEP_EPOCHS = 6  # the no-argument sweep: 12 trials on the digits default in under 10 minutes on 2 cores
@@ -47,13 +67,41 @@ def scaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def check_destination(path: Path, flag: str, *, folder: bool = False, overwrite: bool = True) -> None:
+    """Refuse, before any work, a destination ``path`` (a file, or with ``folder`` a folder) that cannot be
+    written: under a file, a folder where a file goes or the reverse, an existing file without ``overwrite``,
+    or where no file can be created (probed with a temporary file in the nearest existing folder)."""
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{flag} '{path}' is a {'file' if folder else 'folder'}; give a "
+                          f"{'folder' if folder else 'file name'}")
+    if path.is_file() and not overwrite:
+        raise ConfigError(f"{flag} '{path}' exists; pass --overwrite to replace it, or choose another name")
+    nearest = next(p for p in (path, *path.parents) if p.exists()) if folder else \
+        next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"{flag} '{path}' lies under '{nearest}', which is a file")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} '{path}': no file can be created in '{nearest}' ({error.strerror})") from None
+
+
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
     overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
     overrides.update(scaling_overrides(args))
     if args.storage:
         overrides["scaling.storage"] = args.storage
     overrides.update(extra or {})
-    return load_config(args.config, overrides)
+    return check_data_reachable(load_config(args.config, overrides))
+
+
+def check_data_reachable(config: TrainConfig) -> TrainConfig:
+    """``config``, once its remote data locations answer (checked before the imports that reading them needs)."""
+    for key in ("path", "labeled_path"):
+        if location := getattr(config.data, key):
+            uris.check_reachable(location, f"data.{key}")
+    return config
 
 
 def format_epoch(metrics: dict[str, Any]) -> str:
@@ -72,16 +120,18 @@ def format_epoch(metrics: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import time
+    extra = {"output_dir": str(args.output)} if args.output else {}
+    config = config_from_args(args, extra)  # invalid values fail here, before the imports below
+    check_destination(Path(config.output_dir), "--output", folder=True)
+    uris.check_ray_address(args.address)
 
     from ssl_train.config import check_batch_fits
     from ssl_train.data import load_splits
-    from ssl_train.run import previous_run, train
+    from ssl_train.run import check_device, previous_run, train
     from tuning.tracking import RunTracker, default_tracking_uri, git_commit, labels_tag
 
-    extra = {"output_dir": str(args.output)} if args.output else {}
-    config = config_from_args(args, extra)
     previous_run(config.output_dir, args.resume, args.overwrite)  # refused before any data loads
+    check_device(config, args.address)
     splits = load_splits(config.data)
     print(splits.summary())
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
@@ -125,6 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    check_at_least(args, {"batch_size": 1})
+    check_destination(args.out, "--out")
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -149,10 +201,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_destination(args.onnx, "--onnx")
     from ssl_train.embedding import export_onnx
     from ssl_train.run import load_embedding_model
 
     model = load_embedding_model(args.model, args.tracking_uri)
+    args.onnx.parent.mkdir(parents=True, exist_ok=True)
     try:
         path = export_onnx(model, args.onnx)
     except ImportError as error:
@@ -163,9 +217,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_to_parquet(args: argparse.Namespace) -> int:
-    from ssl_train.data import digits_to_parquet, folder_to_parquet
+    digits = str(args.src) == "digits"
+    if digits:
+        check_at_least(args, {"image_size": min_image_size(BackboneConfig())})
+    from ssl_train.data.convert import DIGITS_FILES, digits_to_parquet, folder_to_parquet
 
-    if str(args.src) != "digits":
+    for path in [args.dst / name for name in DIGITS_FILES] if digits else [args.dst]:
+        check_destination(path, "DST", overwrite=args.overwrite)
+    if not digits:
         rows = folder_to_parquet(args.src, args.dst)
         print(f"wrote {rows} images to {args.dst}")
         return 0
@@ -177,10 +236,12 @@ def cmd_to_parquet(args: argparse.Namespace) -> int:
 
 
 def cmd_augment_preview(args: argparse.Namespace) -> int:
+    check_at_least(args, {"images": 1})
+    check_destination(args.out, "--out")
+    config = config_from_args(args)
     from ssl_train.data import load_splits
     from ssl_train.preview import save_preview
 
-    config = config_from_args(args)
     splits = load_splits(config.data)
     path = save_preview(config, splits.preview(args.images), args.out, num_images=args.images, seed=config.seed)
     print(f"wrote {path}")
@@ -214,8 +275,6 @@ def warmup_within(args: argparse.Namespace, epochs: int) -> list[str]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
-
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs} is invalid; it must be >= 1")
     overrides = list(args.overrides)
@@ -224,6 +283,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if epochs and not args.resume:  # a resumed sweep keeps the overrides it started with
         overrides += [f"optim.epochs={epochs}", *warmup_within(args, epochs)]
     overrides += [f"{key}={json.dumps(value)}" for key, value in scaling_overrides(args).items()]
+    if not args.resume:  # invalid values fail here, before the imports below (a resume checks its saved ones)
+        check_data_reachable(load_config(args.config, overrides))
+    uris.check_ray_address(args.address)
+    from tuning.sweep import Interruption, SweepSettings, finish_sweep, run_sweep
+
     default_trials = 0 if args.resume else SweepSettings.trials  # on a resume: no more trials than it had
     settings = SweepSettings(
         space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
@@ -263,10 +327,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuning.report import format_table, load_confirmation, load_report, load_study, write_plots
     from tuning.tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
+    uris.check_store(uri)  # MLflow would create an empty store to report on
+    from tuning.report import format_table, load_confirmation, load_report, load_study, write_plots
+
     report = load_report(uri, args.sweep, args.experiment)
     print(f"sweep {report.name} ({len(report.table)} search trials, objective on val):")
     print(format_table(report, args.top))
@@ -280,16 +346,70 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
+def check_port(host: str, port: int) -> None:
+    """Refuse a port outside 1-65535, or one that cannot be bound on ``host`` (another server holds it)."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is invalid; it must lie in 1-65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind(address)
+    except OSError as error:
+        raise ConfigError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error}); "
+                          "another server may hold the port: choose another --port") from None
 
+
+def runs_page(tracking_uri: str, experiment: str) -> str:
+    """The UI route of ``experiment``'s runs page (MLflow 3's UI opens an experiment on its GenAI overview),
+    or "" when the tracking store is not local or does not hold the experiment yet."""
+    path = uris.local_store(tracking_uri)
+    if path is None or not path.exists():
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    return f"#/experiments/{found.experiment_id}/runs" if found else ""
+
+
+def run_process_group(command: list[str], grace_s: float = 15.0) -> int:
+    """Run ``command`` in a process group of its own and end the whole group (a server and the processes it
+    started) with this process: on Ctrl-C (exit 130), on SIGTERM (143), or when the command exits."""
+    process = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches this process alone
+
+    def terminated(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        deadline = time.monotonic() + grace_s
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, signum)
+                while time.monotonic() < deadline:
+                    if process.poll() is not None:
+                        os.killpg(process.pid, 0)  # ProcessLookupError once the group is empty
+                    time.sleep(0.1)
+            except ProcessLookupError:
+                break
+        process.wait()
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    check_port(args.host, args.port)
     from tuning.tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    url = f"http://{args.host}:{args.port}/{runs_page(uri, args.experiment)}"
+    print(f"MLflow UI for {uri} at {url}  (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port), "--workers", "1"]  # one local user: one worker starts in a fraction
-    return subprocess.call(command)
+    return run_process_group(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default="ssl-tune", help="the MLflow experiment whose runs page to print")
     ui.set_defaults(handler=cmd_ui)
 
     data = commands.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
@@ -380,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_parquet.add_argument("src", type=Path, help="an image folder, or 'digits' (the embedded default data)")
     to_parquet.add_argument("dst", type=Path, help="the .parquet file to write (for 'digits': a folder)")
     to_parquet.add_argument("--image-size", type=int, default=32, help="digits only: image side in pixels")
+    to_parquet.add_argument("--overwrite", action="store_true", help="replace Parquet files that exist")
     to_parquet.set_defaults(handler=cmd_to_parquet)
 
     preview = commands.add_parser("augment-preview", help="write a PNG grid of images and their augmented views")
@@ -390,20 +512,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors that reach the user as one line, besides ConfigError, OSError and LookupError, by the module that
+# defines them: one that is not imported yet has raised none, so main() need not import it (seconds for some).
+USER_ERRORS = {
+    "search_spaces.loader": "SearchSpaceError", "ssl_train.data.sets": "DataError", "ssl_train.loop": "RunFailedError",
+    "ssl_train.run": "BackboneError", "ssl_train.uris": "LocationError", "tuning.tracking": "TrackingError",
+    "yaml": "YAMLError", "mlflow.exceptions": "MlflowException",
+}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types :func:`main` prints as one line, of the modules imported so far."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules]
+    return (ConfigError, OSError, LookupError, *loaded)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (YAML and MLflow messages span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from search_spaces import SearchSpaceError
-    from ssl_train.data import DataError
-    from ssl_train.loop import RunFailedError
-    from ssl_train.uris import LocationError
-    from tuning.tracking import TrackingError
-
-    errors = (ConfigError, DataError, FileNotFoundError, LocationError, LookupError, RunFailedError, SearchSpaceError,
-              TrackingError)
     try:
         return args.handler(args)
-    except errors as error:
-        print(f"ssl-tune: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        print(f"ssl-tune: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -38,7 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace, load_space
 from ssl_train import uris
-from ssl_train.config import ConfigError, TrainConfig, load_config
+from ssl_train.config import ConfigError, TrainConfig, check_at_least, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
 from ssl_train.preview import save_preview
@@ -340,10 +340,7 @@ def _check_counts(settings: SweepSettings, resume: bool) -> None:
 
     ``trials`` may be 0 on a resume: no extension.
     """
-    least = {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0}
-    for key, minimum in least.items():
-        if getattr(settings, key) is not None and getattr(settings, key) < minimum:
-            raise ConfigError(f"--{key.replace('_', '-')} {getattr(settings, key)} is invalid; it must be >= {minimum}")
+    check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0})
 
 
 def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
@@ -373,6 +370,8 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     splits = load_splits(base.data)  # bad data fails here, once, not in every trial
     print(splits.summary())
     check_labels(settings.objective, splits)
+    if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
+        space.check_batch_fits(base, len(splits.ssl_train))
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).

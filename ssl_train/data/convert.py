@@ -21,6 +21,7 @@ from ssl_train.data.splits import _digits_splits
 logger = logging.getLogger("ssl_train.data")
 
 _ROWS_PER_GROUP = 256
+DIGITS_FILES = ("unlabeled.parquet", "labeled.parquet")  # what digits_to_parquet writes into its folder
 
 
 def folder_to_parquet(src: str | Path, dst: str | Path) -> int:
@@ -98,5 +99,5 @@ def digits_to_parquet(dst_dir: str | Path, image_size: int = DataConfig.image_si
     pool = _digits_pool(image_size)
     ssl_train = _digits_splits(DataConfig(image_size=image_size)).ssl_train
     unlabeled = ImageSet(ssl_train.images, torch.full((len(ssl_train),), -1, dtype=torch.long))
-    return (images_to_parquet(unlabeled, dst_dir / "unlabeled.parquet"),
-            images_to_parquet(pool, dst_dir / "labeled.parquet"))
+    return (images_to_parquet(unlabeled, dst_dir / DIGITS_FILES[0]),
+            images_to_parquet(pool, dst_dir / DIGITS_FILES[1]))
