@@ -22,7 +22,7 @@ from ssl_train.data import folder_to_parquet, load_splits
 from ssl_train.evaluate import RANKME_SAMPLES, effective_rank, rankme_sample
 from ssl_train.run import train
 from tuning.cli import main
-from tuning.confirm import Confirmation, test_metric
+from tuning.confirm import Confirmation, metric_on_test
 from tuning.tracking import LABELS_TAG, NO_LABELS, STATUS_TAG
 
 SPACE = """
@@ -144,7 +144,7 @@ def _confirmation_runs(tests: list[float | None]) -> pd.DataFrame:
 
 
 def test_confirmation_by_rankme_picks_on_val_and_reads_knn_accuracy_on_test_when_there_are_labels():
-    assert test_metric("rankme") == "knn_acc" and test_metric("linear_acc") == "linear_acc"
+    assert metric_on_test("rankme") == "knn_acc" and metric_on_test("linear_acc") == "linear_acc"
     with_labels = Confirmation(_confirmation_runs([0.80, 0.90]), "rankme")
     assert with_labels.accuracy_measured and with_labels.winner == "trial_a"  # by val RankMe, never by test
     assert with_labels.margin().difference == pytest.approx(-0.10)

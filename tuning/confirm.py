@@ -9,7 +9,7 @@ a 95 % interval (Welch's t over seeds). This module holds the pure parts: which 
 runs, and the arithmetic; :mod:`tuning.sweep` runs the grid as Tune trials.
 
 With a label-free objective (``rankme``) the winner is picked by its mean val RankMe; where the data has labels,
-test is still read as kNN accuracy (:func:`test_metric`). Data with no labels has no test split: the summary then
+test is still read as kNN accuracy (:func:`metric_on_test`). Data with no labels has no test split: the summary then
 holds val RankMe only, and there is no margin (:attr:`Confirmation.accuracy_measured`).
 
 Every config is trained with the same seeds (``base_seed + i``): seed i of the winner and seed i of the
@@ -35,7 +35,7 @@ CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidat
 LABEL_FREE_OBJECTIVES = ("rankme",)  # objectives that need no labels (RankMe, Garrido et al. 2023, eq. 1)
 
 
-def test_metric(objective: str) -> str:
+def metric_on_test(objective: str) -> str:
     """What confirmation reads on test: the objective itself, or kNN accuracy for a label-free objective (RankMe
     chooses among runs without labels; where test labels exist, accuracy is what a user needs to know)."""
     return "knn_acc" if objective in LABEL_FREE_OBJECTIVES else objective
@@ -144,11 +144,11 @@ class Confirmation:
     """The confirmation runs of one sweep, summarised per config."""
 
     runs: pd.DataFrame  # one row per run: candidate, seed, val, test (NaN: not measured), status, run_id
-    objective: str  # e.g. "knn_acc": the runs' val_<objective>, and test_<test_metric(objective)>
+    objective: str  # e.g. "knn_acc": the runs' val_<objective>, and test_<metric_on_test(objective)>
 
     @property
     def test_metric(self) -> str:
-        return test_metric(self.objective)
+        return metric_on_test(self.objective)
 
     @property
     def accuracy_measured(self) -> bool:

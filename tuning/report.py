@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
 from ssl_train.status import Status  # noqa: E402
-from tuning.confirm import Confirmation, test_metric  # noqa: E402
+from tuning.confirm import Confirmation, metric_on_test  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
@@ -143,7 +143,7 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
             "candidate": candidate,
             "seed": config.seed,
             "val": run.data.metrics.get(f"val_{objective}"),
-            "test": run.data.metrics.get(f"test_{test_metric(objective)}"),  # None: not measured (no labels)
+            "test": run.data.metrics.get(f"test_{metric_on_test(objective)}"),  # None: not measured (no labels)
             "status": run.data.tags.get(STATUS_TAG, Status.RUNNING),
             "trial": run.data.tags[TRIAL_TAG],
             "run_id": run.info.run_id,
