@@ -10,7 +10,6 @@ Writes ``bench/learning_curve.png`` and ``bench/learning_curve.csv``; ``--write`
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,9 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.common import append_section, machine, markdown_table  # noqa: E402
-from bench.objective_noise import train_with_features  # noqa: E402
-from ssl_train import load_config  # noqa: E402
-from ssl_train.data import load_splits  # noqa: E402
+from bench.objective_noise import default_runs_setup, train_with_features  # noqa: E402
 from ssl_train.evaluate import fitted_knn_k, knn_accuracy, knn_protocol, pixel_knn_accuracy  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -40,14 +37,7 @@ def first_step_ahead(curve: pd.DataFrame, random_init: float, margin: float = MA
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
-    args = parser.parse_args()
-    base = load_config(overrides=[f"optim.epochs={args.epochs}", "eval.test_at_end=false", *args.overrides])
-    splits = load_splits(base.data)
+    args, base, splits = default_runs_setup(__doc__, seeds=3, epochs=30)
     k = fitted_knn_k(base.eval.knn_k, splits.eval_train.labels)
     started = time.perf_counter()
     rows = []

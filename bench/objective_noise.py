@@ -131,16 +131,21 @@ def raw_pixel_val(splits: DatasetSplits) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=20)
+def default_runs_setup(doc: str, seeds: int, epochs: int) -> tuple[argparse.Namespace, TrainConfig, DatasetSplits]:
+    """The command line of a benchmark that trains the default config with several seeds (``--seeds``,
+    ``--epochs``, ``--set``, ``--write``), its base config (no test read) and its data."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--write", action="store_true", help="append the figures to bench/RESULTS.md")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = load_config(overrides=[f"optim.epochs={args.epochs}", "eval.test_at_end=false", *args.overrides])
-    splits = load_splits(base.data)
+    return args, base, load_splits(base.data)
+
+
+def main() -> None:
+    args, base, splits = default_runs_setup(__doc__, seeds=5, epochs=20)
     started = time.perf_counter()
     runs = [train_with_features(base.replace({"seed": seed}), splits) for seed in range(args.seeds)]
     seconds = time.perf_counter() - started
