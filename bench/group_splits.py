@@ -80,9 +80,9 @@ def new_group_scores(settings: SweepSettings, confirm: list, new_images: object)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--groups", type=int, default=6, help="groups per class the tool sees")
+    parser.add_argument("--groups", type=int, default=8, help="groups per class the tool sees")
     parser.add_argument("--held-out", type=int, default=2, help="groups per class no split sees")
-    parser.add_argument("--crops", type=int, default=30, help="crops per group")
+    parser.add_argument("--crops", type=int, default=24, help="crops per group")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--confirm-seeds", type=int, default=3)
@@ -124,7 +124,8 @@ def main() -> None:
     summary = detail.groupby(["split", "candidate"])[["val", "test", "new groups"]].mean().reset_index()
     text = "\n".join([
         f"## Grouped splits on overlapping crops ({date.today()}, {machine()})", "",
-        f"`python -m bench.group_splits --trials {args.trials} --epochs {args.epochs}` ({seconds:.0f} s): "
+        f"`python -m bench.group_splits --groups {args.groups} --crops {args.crops} --trials {args.trials} "
+        f"--epochs {args.epochs}` ({seconds:.0f} s): "
         f"{args.classes} classes x {args.groups} source photos x {args.crops} overlapping 16 px crops for the tool, "
         f"{args.held_out} more photos a class set aside (no split sees them); BYOL space, "
         f"{args.trials} search trials of {args.epochs} epochs, confirmation top 1 + default x {args.confirm_seeds} "
