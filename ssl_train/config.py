@@ -385,6 +385,17 @@ def validate(c: TrainConfig) -> None:
         _require(all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])
                      if isinstance(v, float)), key, value, "must be a finite number")
     _require(c.seed >= 0, "seed", c.seed, "use a non-negative integer")
+    _validate_methods(c)
+    _validate_backbone(c)
+    _validate_optim(c)
+    _validate_augment(c)
+    _validate_data(c)
+    _validate_eval(c)
+    _validate_scaling(c)
+
+
+def _validate_methods(c: TrainConfig) -> None:
+    """The checks of byol and swav."""
     b, s = c.byol, c.swav
     _require(0.0 <= b.tau_base <= 1.0, "byol.tau_base", b.tau_base, "must lie in [0, 1] (paper: 0.996)")
     for key in ("projector_hidden_dim", "projector_out_dim", "predictor_hidden_dim"):
@@ -397,8 +408,14 @@ def validate(c: TrainConfig) -> None:
     _require(s.queue_length >= 0, "swav.queue_length", s.queue_length, "must be >= 0 (0 turns the queue off)")
     _require(s.queue_start_epoch >= 0, "swav.queue_start_epoch", s.queue_start_epoch, "must be >= 0")
 
+
+def _validate_backbone(c: TrainConfig) -> None:
+    """The checks of backbone."""
     _require(c.backbone.width > 0, "backbone.width", c.backbone.width, "must be a positive integer")
 
+
+def _validate_optim(c: TrainConfig) -> None:
+    """The checks of optim."""
     o = c.optim
     _require(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
     _require(o.batch_size >= 2, "optim.batch_size", o.batch_size, "must be >= 2 (BatchNorm needs 2 samples)")
@@ -410,6 +427,9 @@ def validate(c: TrainConfig) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)")
 
+
+def _validate_augment(c: TrainConfig) -> None:
+    """The checks of augment."""
     a = c.augment
     _require(0.0 <= a.strength <= 2.0, "augment.strength", a.strength, "must lie in [0, 2] (0: crop+flip, 1: paper)")
     _check_range_pair("augment.crop_scale", a.crop_scale, 0.0, 1.0)
@@ -427,8 +447,11 @@ def validate(c: TrainConfig) -> None:
     _require(a.hue is None or 0 <= a.hue <= 0.5, "augment.hue", a.hue, "must lie in [0, 0.5]")
     _require(a.num_local_crops >= 0, "augment.num_local_crops", a.num_local_crops, "must be >= 0")
 
+
+def _validate_data(c: TrainConfig) -> None:
+    """The checks of data (and the crop sizes that depend on the image size)."""
     d = c.data
-    smallest = min_image_size(c.backbone)
+    a, smallest = c.augment, min_image_size(c.backbone)
     _require(d.image_size >= smallest, "data.image_size", d.image_size,
              f"backbone '{c.backbone.name}' (small_image_stem={c.backbone.small_image_stem}) needs >= {smallest}")
     if a.local_crop_size is not None:
@@ -460,6 +483,9 @@ def validate(c: TrainConfig) -> None:
                  "data.streaming=true needs the labeled evaluation images apart: set data.labeled_path "
                  "(a labeled parquet file or class folder, kept in memory)")
 
+
+def _validate_eval(c: TrainConfig) -> None:
+    """The checks of eval."""
     e = c.eval
     _require(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
     _require(e.knn_temperature > 0, "eval.knn_temperature", e.knn_temperature, "must be > 0")
@@ -467,6 +493,9 @@ def validate(c: TrainConfig) -> None:
     _require(0 <= e.collapse_threshold < 1, "eval.collapse_threshold", e.collapse_threshold, "must lie in [0, 1)")
     _require(e.collapse_grace_epochs >= 0, "eval.collapse_grace_epochs", e.collapse_grace_epochs, "must be >= 0")
 
+
+def _validate_scaling(c: TrainConfig) -> None:
+    """The checks of scaling."""
     sc = c.scaling
     _require(sc.min_workers >= 1, "scaling.min_workers", sc.min_workers, "must be >= 1")
     _require(sc.max_workers >= sc.min_workers, "scaling.max_workers", sc.max_workers,
