@@ -92,7 +92,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ssl-tune-groups-"))
     tool, new = build_data(workdir / "data", args.classes, args.groups, args.held_out, args.crops)
     new_images = load_images(str(new), 16)[0]
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)  # its own cluster, even when another runs on this machine
     rows, details = [], []
     started = time.perf_counter()
     for split, extra in (("random", []), ("grouped", ["data.group_by=level:1"])):
