@@ -22,12 +22,12 @@ def interval_rows(tracking_uri: str, experiment: str, sweep: str, objective: str
     if loaded is None:
         return []
     confirmation = loaded[0]
-    default = confirmation.test_scores(DEFAULT_CANDIDATE)
+    default = confirmation.scores(DEFAULT_CANDIDATE)
     rows = []
     for candidate in confirmation.summary()["candidate"]:
         if candidate == DEFAULT_CANDIDATE:
             continue
-        scores = confirmation.test_scores(candidate)
+        scores = confirmation.scores(candidate)
         paired, welch = seed_margin(scores, default), welch_margin(scores.tolist(), default.tolist())
         rows.append({
             "sweep": sweep, "config": candidate, "seeds": len(scores), "margin": paired.difference,

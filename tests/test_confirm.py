@@ -119,3 +119,10 @@ def test_candidates_are_the_default_plus_the_top_k_full_budget_trials():
     assert len(grid) == 2 * 3
     assert [g["overrides"]["seed"] for g in grid] == [10, 11, 12, 10, 11, 12]
     assert all(g["overrides"]["eval.test_at_end"] is True for g in grid)
+
+
+def test_a_confirmation_where_no_run_finished_says_so_instead_of_crashing():
+    runs = pd.DataFrame([{"candidate": c, "seed": s, "val": None, "test": None, "status": "failed"}
+                         for c in ("default", "trial_a") for s in range(2)])
+    text = Confirmation(runs, "knn_acc").format({})
+    assert text.startswith("no confirmation run finished (4 ended as failed)") and "no winner" in text

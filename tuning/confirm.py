@@ -193,8 +193,12 @@ class Confirmation:
     def format(self, baselines: dict[str, tuple[float, float]]) -> str:
         """The table, the baselines, the margin and the verdict, as printed at the end of a sweep; without labels,
         the val RankMe of each config and a plain statement that no accuracy was measured."""
+        summary = self.summary()
+        if summary.empty:
+            return (f"no confirmation run finished ({len(self.runs)} ended as "
+                    f"{', '.join(sorted(set(map(str, self.runs['status']))))}): no winner, no margin; see sweep.log")
         lines = [self.table(), ""]
-        seeds = int(self.summary()["seeds"].min()) if len(self.runs) else 0
+        seeds = int(summary["seeds"].min())
         chosen_by = "val" if self.objective == self.test_metric else f"val {self.objective}"
         margin = self.margin()
         if margin is None:

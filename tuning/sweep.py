@@ -599,6 +599,9 @@ def finish_sweep(
 
     loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment)
     confirmation, margin, text, reference = None, None, None, {}
+    if loaded is not None and settings.confirm and loaded[0].summary().empty:
+        text = loaded[0].format({})  # every confirmation run failed: say so; the search's best is the winner
+        loaded = None
     if loaded is not None and settings.confirm:
         confirmation, configs = loaded
         measured = confirmation.test_metric
