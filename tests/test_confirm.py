@@ -126,3 +126,11 @@ def test_a_confirmation_where_no_run_finished_says_so_instead_of_crashing():
                          for c in ("default", "trial_a") for s in range(2)])
     text = Confirmation(runs, "knn_acc").format({})
     assert text.startswith("no confirmation run finished (4 ended as failed)") and "no winner" in text
+
+
+def test_a_baseline_that_beats_every_config_is_said_in_words():
+    runs = pd.DataFrame([{"candidate": c, "seed": s, "val": 0.8, "test": t, "status": "finished"}
+                         for c, t in (("default", 0.86), ("trial_a", 0.87)) for s in range(2)])
+    text = Confirmation(runs, "knn_acc").format({"raw pixels": (0.978, 0.0), "random-init backbone": (0.857, 0.007)})
+    assert "the baseline raw pixels beats every confirmed config on test (best 0.8700)" in text
+    assert "the baseline random-init backbone beats" not in text

@@ -208,8 +208,12 @@ class Confirmation:
                       "no accuracy was measured: the data has no labels, so there is no test split, kNN or linear "
                       f"probe; {self.objective} compares runs of one method, it is not an accuracy"]
             return "\n".join(lines)
+        best_test = float(summary["test_mean"].max())
         for name, (mean, std) in baselines.items():
             lines.append(f"baseline {name}: test {mean:.4f}" + (f" ± {std:.4f}" if std else ""))
+            if mean > best_test:
+                lines.append(f"  the baseline {name} beats every confirmed config on test (best {best_test:.4f}): "
+                             "self-supervised training at this budget does not help these images yet")
         lines.append(f"winner (best mean {chosen_by}): {self.winner}; margin over the default on test "
                      f"{self.test_metric}: {margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, "
                      f"{margin.high:+.4f}] ({margin.method}, {seeds} seeds each)")
