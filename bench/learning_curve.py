@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.common import append_section, machine, markdown_table  # noqa: E402
-from bench.objective_noise import default_runs_setup, train_with_features  # noqa: E402
+from bench.objective_noise import command_line, default_runs_setup, train_with_features  # noqa: E402
 from ssl_train.evaluate import fitted_knn_k, knn_accuracy, knn_protocol, pixel_knn_accuracy  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -73,8 +73,7 @@ def main() -> None:
               else f"the mean val never stays >= random init + 5 points within {int(curve['steps'].iloc[-1])} steps")
     text = (
         f"## Learning curve ({time.strftime('%Y-%m-%d')}, {machine()})\n\n"
-        f"`python -m bench.learning_curve --seeds {args.seeds} --epochs {args.epochs}"
-        + "".join(f" --set {o}" for o in args.overrides) + f"` ({seconds:.0f} s): the default config "
+        + command_line("learning_curve", args) + f" ({seconds:.0f} s): the default config "
         f"({base.method}, batch {base.optim.batch_size}, lr {base.optim.lr:g}, warm-up {base.optim.warmup_epochs} "
         f"epochs), val by {protocol}; random init {random_init:.3f}, raw pixels {pixels:.3f}. "
         f"**Answer: {answer}.** Plot: `bench/learning_curve.png`.\n\n" + markdown_table(curve) + "\n"

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from bench.common import append_section, machine, markdown_table
 from ssl_train import load_config
-from ssl_train.config import TrainConfig
+from ssl_train.config import EvalConfig, TrainConfig
 from ssl_train.data import DatasetSplits, load_splits
-from ssl_train.evaluate import extract_features, fitted_knn_k, knn_predict
-from ssl_train.loop import Trainer, WorkerContext, build_model
+from ssl_train.evaluate import extract_features, fitted_knn_k, knn_predict, pixel_knn_accuracy
+from ssl_train.loop import Trainer, WorkerContext
 
 PROTOCOLS = {"k=200, T=0.1": (200, 0.1), "fitted k=20, T=0.07": (20, 0.07)}
 BOOTSTRAPS = 1000
@@ -49,22 +49,19 @@ class EpochFeatures:
 
 
 def train_with_features(config: TrainConfig, splits: DatasetSplits) -> list[EpochFeatures]:
-    """Train ``config`` in this process and keep the eval-train and val features after every epoch."""
-    trainer: Trainer | None = None
+    """Train ``config`` in this process and keep the eval-train and val features at random init and after
+    every epoch."""
     found: list[EpochFeatures] = []
 
     def features_now(epoch: int) -> EpochFeatures:
-        backbone = trainer.method.backbone if trainer is not None else build_model(config).backbone
-        steps = epoch * (trainer.steps_per_epoch if trainer is not None else 0)
-        return EpochFeatures(epoch, steps, extract_features(backbone, splits.eval_train.images),
+        backbone = trainer.method.backbone
+        return EpochFeatures(epoch, epoch * trainer.steps_per_epoch,
+                             extract_features(backbone, splits.eval_train.images),
                              extract_features(backbone, splits.val.images))
 
-    def record(metrics: dict, _checkpoint: object) -> None:
-        found.append(features_now(int(metrics["epoch"])))
-
-    trainer = Trainer(config, record, WorkerContext(), splits=splits)
-    found.append(EpochFeatures(0, 0, extract_features(trainer.method.backbone, splits.eval_train.images),
-                               extract_features(trainer.method.backbone, splits.val.images)))
+    trainer = Trainer(config, lambda metrics, _checkpoint: found.append(features_now(int(metrics["epoch"]))),
+                      WorkerContext(), splits=splits)
+    found.append(features_now(0))
     trainer.fit()
     return found
 
@@ -122,13 +119,15 @@ def noise_rows(runs: list[list[EpochFeatures]], splits: DatasetSplits) -> pd.Dat
 
 
 def raw_pixel_val(splits: DatasetSplits) -> dict[str, float]:
-    train = splits.eval_train.images.flatten(1).float() / 255
-    val = splits.val.images.flatten(1).float() / 255
-    return {
-        name: float((knn_predict(train, splits.eval_train.labels, val, splits.num_classes,
-                                 fitted_knn_k(k, splits.eval_train.labels), t) == splits.val.labels).float().mean())
-        for name, (k, t) in PROTOCOLS.items()
-    }
+    """The raw-pixel baseline on val under each protocol (``pixel_knn_accuracy``, k fitted as in every run)."""
+    return {name: pixel_knn_accuracy(splits, EvalConfig(knn_k=k, knn_temperature=t), split="val")
+            for name, (k, t) in PROTOCOLS.items()}
+
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """How a default-config benchmark was run, as its RESULTS section quotes it."""
+    return (f"`python -m bench.{script} --seeds {args.seeds} --epochs {args.epochs}"
+            + "".join(f" --set {o}" for o in args.overrides) + "`")
 
 
 def default_runs_setup(doc: str, seeds: int, epochs: int) -> tuple[argparse.Namespace, TrainConfig, DatasetSplits]:
@@ -159,8 +158,7 @@ def main() -> None:
     pixels = raw_pixel_val(splits)
     text = (
         f"## Objective noise ({time.strftime('%Y-%m-%d')}, {machine()})\n\n"
-        f"`python -m bench.objective_noise --seeds {args.seeds} --epochs {args.epochs}"
-        + "".join(f" --set {o}" for o in args.overrides) + f"`: the default config ({base.method}, "
+        + command_line("objective_noise", args) + f": the default config ({base.method}, "
         f"{base.data.source} at {base.data.image_size} px, batch {base.optim.batch_size}, lr {base.optim.lr:g}), "
         f"{args.seeds} seeds, {len(splits.val)} val images, {len(splits.eval_train)} eval-train images; "
         f"{seconds:.0f} s of training. Noise in accuracy points (std).\n\n"
