@@ -135,13 +135,15 @@ def test_sweep_selects_on_val_and_confirms_on_test_with_a_real_mlflow_server(
     report = load_report(mlflow_server, "logged", "ssl-tune-test")
     assert list(report.table["objective"]) == sorted(report.table["objective"], reverse=True)
 
-    # Disk: a trial keeps its newest checkpoint only, a pruned or diverged one none (the winner's weights are
-    # in MLflow, asserted above).
+    # Disk: once the sweep ends, only the trials whose backbone.pt went to MLflow (the confirmed winner's seeds)
+    # keep a checkpoint, their newest only; every other trial's is deleted (a diverged trial never wrote one).
     sweep_dir = tmp_path / "sweeps" / "logged"
+    kept = {run.data.tags[TRIAL_TAG] for run in with_weights}
     for run in [*runs, *confirmed]:
         folder = next(sweep_dir.glob(f"**/trial_{run.data.tags[TRIAL_TAG]}"))
-        assert len(list(folder.rglob("state.pt"))) == (run.data.tags[STATUS_TAG] == "finished"), folder
-    assert outcome.dropped_checkpoints == by_status.get("pruned", 0)  # a diverged trial never wrote one
+        assert len(list(folder.rglob("state.pt"))) == (run.data.tags[TRIAL_TAG] in kept), folder
+    assert outcome.dropped_checkpoints == (by_status.get("finished", 0) + by_status.get("pruned", 0)
+                                           + len(confirmed) - len(kept))
     assert f"sweep folder {sweep_dir}: " in outcome.disk_line()
 
 

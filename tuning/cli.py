@@ -460,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--register", metavar="NAME", help="register the confirmed winner's model as a version of "
                       "NAME (alias best, tagged with the sweep and its val/test scores)")
     tune.add_argument("--keep-checkpoints", action="store_true",
-                      help="keep the checkpoints of pruned, collapsed, diverged and failed trials (each trial keeps "
-                      "its newest only; by default these are deleted when the sweep ends)")
+                      help="keep every trial's newest checkpoint (by default, when the sweep ends, only the trials "
+                      "whose backbone.pt is logged to MLflow keep theirs)")
     tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
 
     embed = commands.add_parser("embed", help="embeddings of a folder or Parquet file of images, as Parquet")

@@ -103,7 +103,7 @@ class SweepSettings:
     confirm_seeds: int = 3
     extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
     register: str | None = None  # register the winner's MLflow Model under this name
-    keep_checkpoints: bool = False  # keep the checkpoints of pruned, collapsed, diverged and failed trials
+    keep_checkpoints: bool = False  # keep every trial's newest checkpoint, not only the logged winners'
 
     def base_config(self) -> TrainConfig:
         """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
@@ -660,8 +660,8 @@ def finish_sweep(
         model_uri = log_embedding_model(settings.tracking_uri, run_id, backbone, winner, settings.register, scores)
     client.log_metric(report.parent_id, f"best_search_val_{settings.objective}", float(report.best[OBJECTIVE]))
     client.set_terminated(report.parent_id, "FINISHED")
-    dropped = 0 if settings.keep_checkpoints else drop_discarded_checkpoints(
-        [*search, *(confirm or [])], settings.trial_time_limit_s)
+    dropped = 0 if settings.keep_checkpoints else drop_checkpoints(
+        [*search, *(confirm or [])], keep=set(keep["trial"]))
     return SweepOutcome(
         name=settings.name, path=path, table_text=format_table(report), best_config_path=best_config_path,
         confirmation_text=text, margin=margin, parent_run_id=report.parent_id, model_uri=model_uri,
@@ -669,16 +669,13 @@ def finish_sweep(
     )
 
 
-DISCARDED = (Status.PRUNED, Status.COLLAPSED, Status.DIVERGED, Status.FAILED)  # no later use for their weights
-
-
-def drop_discarded_checkpoints(results: list[tune.Result], time_limit_s: float | None) -> int:
-    """Delete every checkpoint of the trials that ended pruned, collapsed, diverged or failed (Tune's, and a
-    multi-worker trial's Ray Train ones), wherever the storage is; returns how many trials had some."""
+def drop_checkpoints(results: list[tune.Result], keep: set[str]) -> int:
+    """Delete every checkpoint of the trials not in ``keep`` (trial ids): Tune's, and a multi-worker trial's
+    Ray Train ones, wherever the storage is. Their configs and metrics stay in MLflow; returns how many
+    trials had some."""
     trials = 0
     for result in results:
-        status = Status.FAILED if result.error is not None else trial_outcome(result.metrics or {}, time_limit_s)[0]
-        if status not in DISCARDED:
+        if (result.metrics or {}).get("trial_id") in keep:
             continue
         selector = pafs.FileSelector(result.path, recursive=True, allow_not_found=True)
         found = sorted(info.path for info in result.filesystem.get_file_info(selector)
@@ -708,6 +705,11 @@ def _checkpoints(results: list[tune.Result] | tune.ResultGrid) -> dict[str, Chec
     return found
 
 
+def _exists(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint's folder is still there (an earlier end of the sweep may have deleted it)."""
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound
+
+
 def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Checkpoint],
                    config: TrainConfig) -> list[tuple[str, Any]]:
     """``backbone.pt`` of each run in ``rows`` (columns trial, run_id) whose Tune checkpoint is at hand;
@@ -717,7 +719,7 @@ def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Checkpoint],
     logged = []
     for _, row in rows.iterrows():
         checkpoint = checkpoints.get(row["trial"])
-        if checkpoint is not None:
+        if checkpoint is not None and _exists(checkpoint):
             with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as staging:
                 weights = export_backbone(directory, config, Path(staging) / "backbone.pt")
                 client.log_artifact(row["run_id"], str(weights))
