@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from bench.mlflow_server import MlflowServer, free_tcp_port
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,7 +29,7 @@ def ray_cluster():
     # whether its controller lives, at the address it finds on its own ("the latest cluster"); pointing
     # it at a foreign cluster makes it remove a live run's workers. So: our own dashboard port (the
     # default 8265 may be taken) and RAY_ADDRESS for every process of this job.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_tcp_port()})
     ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
     yield cluster
     ray.shutdown()
@@ -56,57 +51,10 @@ def parquet_overrides(digits_parquet: tuple[Path, Path], streaming: bool) -> lis
             f"data.streaming={str(streaming).lower()}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on."""
-    return _free_port()
-
-
-class MlflowServer:
-    """A real ``mlflow server`` process on 127.0.0.1 with an sqlite store under ``root``; stop and start it again."""
-
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> str:
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]
-        with open(self.root / "server.log", "a") as log:
-            self.process = subprocess.Popen(  # its own process group: stop() ends the server's workers too
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
-            )
-        deadline = time.monotonic() + 300  # a liveness wait: MLflow's start-up is slow on a loaded 2-core machine
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self.url
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # a loaded machine: end the server's process group for good
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=60)
-            self.process = None
+    return free_tcp_port()
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,12 @@ class TruthfulOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.time_limit_s = time_limit_s
 
+    def suggest(self, trial_id: str) -> dict | None:
+        suggestion = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # which Tune trial (and MLflow run, tag ray_trial_id) this study trial is
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return suggestion
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         with contextlib.suppress(UpdateFinishedTrialError):  # see on_trial_complete
             super().on_trial_result(trial_id, result)
@@ -313,6 +319,8 @@ class _Stage:
             storage_path=storage,
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS),
+            # a trial whose node left (or whose process died) restarts from its last checkpoint
+            failure_config=tune.FailureConfig(max_failures=self.base.scaling.max_failures),
             callbacks=[self.callback(stage, name)],
             verbose=1,
             progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label,
@@ -547,11 +555,11 @@ class SweepOutcome:
     margin: Margin | None  # None without confirmation, or without labels (no accuracy measured)
     parent_run_id: str
     model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
-    dropped_checkpoints: int = 0  # trials whose checkpoints were deleted (pruned, collapsed, diverged, failed)
+    dropped_checkpoints: int = 0  # trials whose checkpoints were deleted (all but those logged to MLflow)
 
     def disk_line(self) -> str:
         """The sweep folder's size, and which checkpoints were deleted to keep it small."""
-        dropped = (f"; deleted the checkpoints of {self.dropped_checkpoints} pruned/collapsed/diverged/failed trials "
+        dropped = (f"; deleted the checkpoints of {self.dropped_checkpoints} trials whose weights are not in MLflow "
                    "(--keep-checkpoints keeps them)" if self.dropped_checkpoints else "")
         return f"sweep folder {self.path}: {folder_size(self.path) / 1e6:.1f} MB{dropped}"
 

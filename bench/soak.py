@@ -1,0 +1,229 @@
+"""Soak: one long sweep through a lost node, a tracking-server restart and a killed driver; counts what was lost.
+
+A sweep of many tiny trials (8 px digits, 2 epochs, ASHA, TPE, confirmation) runs as ``ssl-tune tune`` on
+a local multi-node ``ray.cluster_utils.Cluster`` and logs to a real ``mlflow server`` on 127.0.0.1.
+As trials end, the script:
+
+1. removes the worker node (its trial restarts from its checkpoint, ``--max-failures``), later adds one back;
+2. stops the MLflow server and starts it again on the same port and store;
+3. SIGKILLs the driver, then runs ``ssl-tune tune --resume``.
+
+At the end it counts, against Tune's own record of the trials: MLflow child runs missing or doubled,
+finished trials without every epoch's metrics, Optuna trials missing, doubled or in the wrong state, and
+confirmation runs incomplete. Goal: all zero. ``python -m bench.soak`` appends the figures to RESULTS.md;
+``tests/test_soak.py`` (slow) runs it on the test session's cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.mlflow_server import MlflowServer
+
+NAME = "soak"
+EXPERIMENT = "ssl-tune-soak"
+EPOCHS = 2
+TINY = [  # the tests' tiny model: 8 px digits, a narrow CNN, small heads
+    "data.image_size=8", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
+    "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
+    f"optim.epochs={EPOCHS}",
+]
+OPTUNA_STATE = {"finished": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED", "collapsed": "PRUNED",
+                "time_limit": "PRUNED", "failed": "FAIL"}  # what each ssl-tune status must be in the study
+
+
+def sweep_command(root: Path, address: str, url: str, trials: int, concurrency: int, confirm_seeds: int) -> list[str]:
+    """``ssl-tune tune`` for the soak, without ``--name``/``--resume``."""
+    return [
+        sys.executable, "-m", "tuning.cli", "tune", "--trials", str(trials), "--concurrency", str(concurrency),
+        "--min-epochs", "1", "--max-failures", "3", "--storage", str(root / "sweeps"), "--tracking-uri", url,
+        "--experiment", EXPERIMENT, "--address", address, "--confirm-top", "1", "--confirm-seeds",
+        str(confirm_seeds), *sum((["--set", override] for override in TINY), []),
+    ]
+
+
+def search_runs(store: Any, stage: str = "search") -> list[Any]:
+    """The sweep's child runs of one stage, read from the server's own sqlite store (works while it is down)."""
+    from tuning.tracking import STAGE_TAG, SWEEP_TAG
+
+    experiment = store.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return store.search_runs([experiment.experiment_id],
+                             f"tags.`{SWEEP_TAG}` = '{NAME}' and tags.`{STAGE_TAG}` = '{stage}'", max_results=5000)
+
+
+def ended_trials(store: Any) -> int:
+    from tuning.tracking import STATUS_TAG
+
+    return sum(run.data.tags.get(STATUS_TAG, "running") != "running" for run in search_runs(store))
+
+
+def wait_until(condition: Callable[[], bool], what: str, driver: subprocess.Popen, log: Path,
+               timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if driver.poll() is not None:
+            raise RuntimeError(f"the driver exited ({driver.returncode}) before {what}: {log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting until {what}: {log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def run_soak(root: Path, cluster: Any, trials: int = 50, concurrency: int = 3, confirm_seeds: int = 2) -> dict:
+    """The soak on ``cluster`` (a ``ray.cluster_utils.Cluster``; a 1-CPU node is added, removed and added
+    back). Returns the counts (``lost``, ``doubled``, ...: all 0 when nothing was lost) and the timeline."""
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(root / "mlflow-server")
+    (root / "mlflow-server").mkdir(parents=True, exist_ok=True)
+    server.start()
+    store = MlflowClient(f"sqlite:///{server.root / 'mlflow.db'}")
+    command = sweep_command(root, cluster.address, server.url, trials, concurrency, confirm_seeds)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": cluster.address}
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    started = time.monotonic()
+    timeline: list[tuple[float, str]] = []
+
+    def event(what: str) -> None:
+        timeline.append((round(time.monotonic() - started, 1), what))
+
+    def after(fraction: float) -> int:
+        return max(1, round(trials * fraction))
+
+    log = root / "driver-1.log"
+    try:
+        with open(log, "w") as stream:
+            driver = subprocess.Popen([*command, "--name", NAME], stdout=stream, stderr=subprocess.STDOUT, env=env)
+            try:
+                event("sweep started")
+                wait_until(lambda: ended_trials(store) >= after(0.2), f"{after(0.2)} trials ended", driver, log)
+                cluster.remove_node(node)
+                node = None
+                event(f"worker node removed ({ended_trials(store)} trials ended)")
+                wait_until(lambda: ended_trials(store) >= after(0.3), f"{after(0.3)} trials ended", driver, log)
+                node = cluster.add_node(num_cpus=1)
+                event(f"a worker node added back ({ended_trials(store)} trials ended)")
+                wait_until(lambda: ended_trials(store) >= after(0.45), f"{after(0.45)} trials ended", driver, log)
+                server.stop()
+                event(f"MLflow server stopped ({ended_trials(store)} trials ended)")
+                time.sleep(10)
+                server.start()
+                event("MLflow server started again, same port and store")
+                wait_until(lambda: ended_trials(store) >= after(0.65), f"{after(0.65)} trials ended", driver, log)
+                driver.send_signal(signal.SIGKILL)
+                driver.wait(timeout=60)
+                event(f"driver SIGKILLed ({ended_trials(store)} trials ended)")
+            finally:
+                driver.kill()
+        resumed = subprocess.run([*command, "--resume", NAME], capture_output=True, text=True, env=env,
+                                 timeout=3600)
+        (root / "driver-2.log").write_text(resumed.stdout + resumed.stderr)
+        if resumed.returncode != 0:
+            raise RuntimeError(f"--resume failed ({resumed.returncode}): {(resumed.stdout + resumed.stderr)[-3000:]}")
+        event("resumed sweep finished, confirmation included")
+        counts = count_losses(root / "sweeps" / NAME, store)
+    finally:
+        server.stop()
+        if node is not None:
+            cluster.remove_node(node)
+    return {**counts, "seconds": round(time.monotonic() - started), "timeline": timeline}
+
+
+def count_losses(sweep: Path, store: Any) -> dict:
+    """What was lost or doubled, each count against Tune's own record of the sweep's trials."""
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    from tuning.tracking import STATUS_TAG, TRIAL_TAG
+
+    tune_search = {trial.trial_id for trial in ExperimentAnalysis(str(sweep)).trials}
+    runs = search_runs(store)
+    run_ids = Counter(run.data.tags[TRIAL_TAG] for run in runs)
+    status = {run.data.tags[TRIAL_TAG]: run.data.tags.get(STATUS_TAG) for run in runs}
+    epochs_incomplete = 0
+    for run in runs:  # a finished trial has epochs 1..E, a stopped one 1..its last, each once
+        steps = sorted(m.step for m in store.get_metric_history(run.info.run_id, "epoch"))
+        last = EPOCHS if status[run.data.tags[TRIAL_TAG]] == "finished" else (steps[-1] if steps else 0)
+        epochs_incomplete += steps != list(range(1, last + 1)) or not steps
+
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep / 'optuna.db'}")
+    study_ids = Counter(trial.user_attrs.get("ray_trial_id") for trial in study.trials)
+    wrong_state = sum(trial.state.name != OPTUNA_STATE.get(status.get(trial.user_attrs.get("ray_trial_id")), "?")
+                      for trial in study.trials)
+
+    (confirm_dir,) = [path for path in sweep.iterdir() if path.name.startswith("confirm-")]
+    tune_confirm = {trial.trial_id for trial in ExperimentAnalysis(str(confirm_dir)).trials}
+    confirm_runs = search_runs(store, "confirm")
+    confirm_ids = Counter(run.data.tags[TRIAL_TAG] for run in confirm_runs)
+    confirm_incomplete = sum(run.data.tags.get(STATUS_TAG) != "finished" or "test_knn_acc" not in run.data.metrics
+                             for run in confirm_runs)
+    return {
+        "tune_trials": len(tune_search), "mlflow_runs": len(runs), "study_trials": len(study.trials),
+        "statuses": dict(Counter(status.values())),
+        "lost": len(tune_search - set(run_ids)) + len(tune_confirm - set(confirm_ids)),
+        "doubled": sum(n - 1 for n in run_ids.values()) + sum(n - 1 for n in confirm_ids.values()),
+        "unknown_to_tune": len(set(run_ids) - tune_search) + len(set(confirm_ids) - tune_confirm),
+        "epochs_incomplete": epochs_incomplete,
+        "study_missing": len(tune_search - set(study_ids)),
+        "study_doubled": sum(n - 1 for n in study_ids.values()),
+        "study_wrong_state": wrong_state,
+        "confirm_runs": len(confirm_runs), "confirm_tune_trials": len(tune_confirm),
+        "confirm_incomplete": confirm_incomplete,
+    }
+
+
+LOSSES = ("lost", "doubled", "unknown_to_tune", "epochs_incomplete", "study_missing", "study_doubled",
+          "study_wrong_state", "confirm_incomplete")
+
+
+def main() -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from bench.common import append_section, machine
+    from bench.mlflow_server import free_tcp_port
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=3)
+    args = parser.parse_args()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_tcp_port()})
+    ray.init(address=cluster.address)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ssl-tune-soak-") as root:
+            result = run_soak(Path(root), cluster, args.trials, args.concurrency)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(result)
+    timeline = "\n".join(f"| {seconds:.0f} | {what} |" for seconds, what in result["timeline"])
+    losses = " ".join(f"{key} {result[key]}," for key in LOSSES).rstrip(",")
+    append_section(f"""## Soak: {args.trials} tiny trials through a lost node, an MLflow restart and a killed driver
+(`python -m bench.soak --trials {args.trials} --concurrency {args.concurrency}`; {machine()}; a 2-CPU head and a
+1-CPU worker node of a local `ray.cluster_utils.Cluster`, `--max-failures 3`, ASHA + TPE, confirmation 2 configs
+x 2 seeds, a real `mlflow server` on 127.0.0.1)
+
+| seconds | event |
+| --- | --- |
+{timeline}
+
+Counts against Tune's record: {result['tune_trials']} search trials, {result['mlflow_runs']} MLflow child runs,
+{result['study_trials']} Optuna trials (statuses {result['statuses']}); confirmation {result['confirm_tune_trials']}
+Tune trials, {result['confirm_runs']} MLflow runs. Losses: {losses}. Whole soak {result['seconds']} s.
+""")
+
+
+if __name__ == "__main__":
+    main()
