@@ -1,6 +1,6 @@
 """Soak: one long sweep through a lost node, a tracking-server restart and a killed driver; counts what was lost.
 
-A sweep of many tiny trials (8 px digits, 2 epochs, ASHA, TPE, confirmation) runs as ``ssl-tune tune`` on
+A sweep of many tiny trials (8 px digits, 3 epochs, ASHA, TPE, confirmation) runs as ``ssl-tune tune`` on
 a local multi-node ``ray.cluster_utils.Cluster`` and logs to a real ``mlflow server`` on 127.0.0.1.
 As trials end, the script:
 
@@ -32,7 +32,7 @@ from bench.mlflow_server import MlflowServer
 
 NAME = "soak"
 EXPERIMENT = "ssl-tune-soak"
-EPOCHS = 2
+EPOCHS = 3
 TINY = [  # the tests' tiny model: 8 px digits, a narrow CNN, small heads
     "data.image_size=8", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
     "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
@@ -63,10 +63,9 @@ def search_runs(store: Any, stage: str = "search") -> list[Any]:
                              f"tags.`{SWEEP_TAG}` = '{NAME}' and tags.`{STAGE_TAG}` = '{stage}'", max_results=5000)
 
 
-def ended_trials(store: Any) -> int:
-    from tuning.tracking import STATUS_TAG
-
-    return sum(run.data.tags.get(STATUS_TAG, "running") != "running" for run in search_runs(store))
+def started_trials(root: Path) -> int:
+    """Search trials Tune has started (their folders): Tune's progress, which an MLflow outage does not hold up."""
+    return len(list((root / "sweeps" / NAME).glob("trial_*")))
 
 
 def wait_until(condition: Callable[[], bool], what: str, driver: subprocess.Popen, log: Path,
@@ -108,23 +107,24 @@ def run_soak(root: Path, cluster: Any, trials: int = 50, concurrency: int = 3, c
             driver = subprocess.Popen([*command, "--name", NAME], stdout=stream, stderr=subprocess.STDOUT, env=env)
             try:
                 event("sweep started")
-                wait_until(lambda: ended_trials(store) >= after(0.2), f"{after(0.2)} trials ended", driver, log)
+                wait_until(lambda: started_trials(root) >= after(0.2), f"{after(0.2)} trials started", driver, log)
                 cluster.remove_node(node)
                 node = None
-                event(f"worker node removed ({ended_trials(store)} trials ended)")
-                wait_until(lambda: ended_trials(store) >= after(0.3), f"{after(0.3)} trials ended", driver, log)
+                event(f"worker node removed ({started_trials(root)} trials started)")
+                wait_until(lambda: started_trials(root) >= after(0.3), f"{after(0.3)} trials started", driver, log)
                 node = cluster.add_node(num_cpus=1)
-                event(f"a worker node added back ({ended_trials(store)} trials ended)")
-                wait_until(lambda: ended_trials(store) >= after(0.45), f"{after(0.45)} trials ended", driver, log)
+                event(f"a worker node added back ({started_trials(root)} trials started)")
+                wait_until(lambda: started_trials(root) >= after(0.45), f"{after(0.45)} trials started", driver, log)
                 server.stop()
-                event(f"MLflow server stopped ({ended_trials(store)} trials ended)")
+                event(f"MLflow server stopped ({started_trials(root)} trials started)")
                 time.sleep(10)
                 server.start()
                 event("MLflow server started again, same port and store")
-                wait_until(lambda: ended_trials(store) >= after(0.65), f"{after(0.65)} trials ended", driver, log)
+                wait_until(lambda: started_trials(root) >= after(0.65), f"{after(0.65)} trials started", driver, log)
                 driver.send_signal(signal.SIGKILL)
                 driver.wait(timeout=60)
-                event(f"driver SIGKILLed ({ended_trials(store)} trials ended)")
+                logged = len(search_runs(store))
+                event(f"driver SIGKILLed ({started_trials(root)} trials started, {logged} of them in MLflow)")
             finally:
                 driver.kill()
         resumed = subprocess.run([*command, "--resume", NAME], capture_output=True, text=True, env=env,
@@ -148,7 +148,8 @@ def count_losses(sweep: Path, store: Any) -> dict:
 
     from tuning.tracking import STATUS_TAG, TRIAL_TAG
 
-    tune_search = {trial.trial_id for trial in ExperimentAnalysis(str(sweep)).trials}
+    tune_trials = ExperimentAnalysis(str(sweep)).trials
+    tune_search = {trial.trial_id for trial in tune_trials}
     runs = search_runs(store)
     run_ids = Counter(run.data.tags[TRIAL_TAG] for run in runs)
     status = {run.data.tags[TRIAL_TAG]: run.data.tags.get(STATUS_TAG) for run in runs}
@@ -170,7 +171,8 @@ def count_losses(sweep: Path, store: Any) -> dict:
     confirm_incomplete = sum(run.data.tags.get(STATUS_TAG) != "finished" or "test_knn_acc" not in run.data.metrics
                              for run in confirm_runs)
     return {
-        "tune_trials": len(tune_search), "mlflow_runs": len(runs), "study_trials": len(study.trials),
+        "tune_trials": len(tune_search), "trial_restarts": sum(trial.num_failures for trial in tune_trials),
+        "mlflow_runs": len(runs), "study_trials": len(study.trials),
         "statuses": dict(Counter(status.values())),
         "lost": len(tune_search - set(run_ids)) + len(tune_confirm - set(confirm_ids)),
         "doubled": sum(n - 1 for n in run_ids.values()) + sum(n - 1 for n in confirm_ids.values()),
@@ -220,7 +222,8 @@ x 2 seeds, a real `mlflow server` on 127.0.0.1)
 {timeline}
 
 Counts against Tune's record: {result['tune_trials']} search trials, {result['mlflow_runs']} MLflow child runs,
-{result['study_trials']} Optuna trials (statuses {result['statuses']}); confirmation {result['confirm_tune_trials']}
+{result['study_trials']} Optuna trials (statuses {result['statuses']}), {result['trial_restarts']} trial restarts
+from a checkpoint; confirmation {result['confirm_tune_trials']}
 Tune trials, {result['confirm_runs']} MLflow runs. Losses: {losses}. Whole soak {result['seconds']} s.
 """)
 

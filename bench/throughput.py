@@ -43,6 +43,15 @@ CASES = [  # (method, backbone, image side)
     ("swav", "small_cnn", 32), ("swav", "resnet18", 32), ("swav", "resnet18", 96),
 ]
 SWAV_MULTI_CROP = ["augment.num_local_crops=4"]  # 2 global + 4 local crops
+VARIANTS = {  # a side of ours: its overrides (a name with "bf16" also turns bf16 autocast on, CPU included)
+    "per_sample": ["augment.backend=per_sample"],
+    "batched": [],
+    "batched+channels_last": ["optim.channels_last=true"],
+    "batched+bf16": [],
+    "batched+compile": ["optim.compile=true"],
+    "batched+compile+channels_last": ["optim.compile=true", "optim.channels_last=true"],
+    "batched+compile+bf16": ["optim.compile=true"],
+}
 
 
 @dataclass
@@ -82,8 +91,11 @@ def endless(make_epoch: Callable[[int], Iterator[list[torch.Tensor]]]) -> Callab
     return next_views
 
 
-def ssl_tune_side(name: str, config: TrainConfig, splits, device: torch.device) -> Side:  # noqa: ANN001
+def ssl_tune_side(name: str, config: TrainConfig, splits, device: torch.device,  # noqa: ANN001
+                  bf16: bool | None = None) -> Side:
+    """Our training step; ``bf16`` forces bf16 autocast on or off (the Trainer turns it on for CUDA only)."""
     trainer = Trainer(config, lambda m, c: None, WorkerContext(device=device), splits=splits)
+    trainer.bf16 = trainer.bf16 if bf16 is None else bf16
     trainer.method.train()
     counter = {"step": 0}
 
@@ -171,13 +183,11 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
     device = torch.device(args.device)
     config = case_config(method, backbone, side, args)
     splits = load_splits(config.data)
-    sides = [ssl_tune_side("per_sample", case_config(method, backbone, side, args, "augment.backend=per_sample"),
-                           splits, device),
-             ssl_tune_side("batched", config, splits, device)]
-    if f"{method}/{backbone}/{side}" in args.compile_cases.split(","):
-        sides.append(ssl_tune_side("batched+compile", case_config(method, backbone, side, args, "optim.compile=true"),
-                                   splits, device))
-    if method == "byol":
+    compiled = f"{method}/{backbone}/{side}" in args.compile_cases.split(",")
+    sides = [ssl_tune_side(variant, case_config(method, backbone, side, args, *VARIANTS[variant]), splits, device,
+                           bf16=True if "bf16" in variant else None)
+             for variant in args.variants.split(",") if variant in VARIANTS and (compiled or "compile" not in variant)]
+    if method == "byol" and "lightly" in args.variants.split(","):
         sides.append(lightly_side(config, splits, device))
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     warmup_s = {}
@@ -199,7 +209,7 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
                      "augment % of step": 100 * augment / (augment + model), "warm-up s": warmup_s[s.name]})
     base = rows[0]["images/s"]
     for row in rows:
-        row["x per_sample"] = row["images/s"] / base
+        row[f"x {rows[0]['path']}"] = row["images/s"] / base
     lightly = [r for r in rows if r["path"] == "lightly"]
     for row in rows:
         row["x lightly"] = row["images/s"] / lightly[0]["images/s"] if lightly else "n/a"
@@ -209,10 +219,12 @@ def measure_case(method: str, backbone: str, side: int, args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; on a CPU use the +bf16 variants)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile-cases", default="byol/small_cnn/32,swav/small_cnn/32",
                         help="cases that also time batched + optim.compile (compiling takes minutes on a CPU)")
+    parser.add_argument("--variants", default="per_sample,batched,batched+compile,lightly",
+                        help=f"sides to time, the first the baseline of `x per_sample`: {', '.join(VARIANTS)}, lightly")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compilation happens here)")
@@ -229,7 +241,7 @@ def main() -> None:
     for case in args.cases.split(","):
         method, backbone, side = case.split("/")
         rows += measure_case(method, backbone, int(side), args)
-        print(markdown_table(pd.DataFrame(rows[-4:]), digits=2), flush=True)
+        print(markdown_table(pd.DataFrame(rows), digits=2), flush=True)
     cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu
     section = "\n".join([
@@ -241,7 +253,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} at the end; {time.perf_counter() - started:.0f} s. Medians of {args.rounds} "
         f"interleaved rounds x {args.steps} steps per side, after {args.warmup} warm-up steps (their seconds, "
         "compilation included, in `warm-up s`). No DataLoader worker "
-        "processes on any side. `x per_sample` and `x lightly` are images/s ratios within a case.",
+        "processes on any side. `x <first side>` and `x lightly` are images/s ratios within a case.",
         "",
         markdown_table(pd.DataFrame(rows), digits=2),
     ])

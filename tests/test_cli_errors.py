@@ -377,3 +377,19 @@ def test_the_printed_runs_page_is_a_route_of_this_mlflows_ui():
     bundles = (Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js").glob("*.js")
     text = "".join(path.read_text(errors="ignore") for path in bundles)
     assert '"/experiments/:experimentId/runs"' in text and "/#/experiments/" in text
+
+
+def test_a_logged_exception_reaches_the_console_as_one_line(tmp_path):
+    """Tune logs a trial whose node died with a long traceback: the console gets one line, the log file all."""
+    import logging
+
+    from tuning.progress import OneLineFormatter
+
+    try:
+        raise RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc")
+    except RuntimeError:
+        record = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "Trial task failed for trial %s",
+                                   ("run_trial_1",), sys.exc_info())
+    line = OneLineFormatter(tmp_path / "sweep.log").format(record)
+    assert line == ("Trial task failed for trial run_trial_1: RuntimeError: The actor died unexpectedly before "
+                    f"finishing this task. (traceback in {tmp_path / 'sweep.log'})")

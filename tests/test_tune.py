@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ssl_train.config import ConfigError, load_config
 from tuning.cli import main
 from tuning.report import load_report
-from tuning.sweep import SweepSettings, finish_sweep, run_sweep
+from tuning.sweep import SweepSettings, TrialsNeverStarted, finish_sweep, run_sweep
 from tuning.tracking import CANDIDATE_TAG, REASON_TAG, STAGE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
 
 TINY = [
@@ -350,6 +350,30 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tmp_
     assert len(parents) == 1
 
 
+def test_a_sweep_whose_trials_never_start_fails_after_the_start_timeout(ray_cluster, tmp_path, space_file):
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Hog:  # holds the head node's 2 CPUs: the trial stays PENDING, as in a stalled driver
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    settings = SweepSettings(
+        space=str(space_file), overrides=[*TINY, "optim.epochs=1"], trials=1, min_epochs=1, name="stalled",
+        storage=str(tmp_path / "sweeps"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="ssl-tune-test", confirm=False, start_timeout_s=5,
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrialsNeverStarted, match=r"no trial started within 5 s \(1 waiting; the cluster has 0 "):
+            run_sweep(settings)
+    finally:
+        ray.kill(hog)
+    assert time.monotonic() - started < 120
+
+
 def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_file):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = SweepSettings(
@@ -424,6 +448,7 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable
     warnings = [line for line in printed.splitlines() if "unreachable (" in line]
     assert 1 <= len(warnings) <= 2, warnings  # once per trial, not once per failed call
     assert "reachable again" in printed
+    assert "View run" not in printed  # MLflow's own per-run URL lines stay off the console
     runs = children(store, "outage")
     assert len(runs) == 2
     for run in runs:  # every epoch of every trial reached MLflow, once

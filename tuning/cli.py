@@ -299,6 +299,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
         confirm=not args.no_confirm, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
         register=args.register, keep_checkpoints=args.keep_checkpoints,
+        start_timeout_s=parse_duration(args.start_timeout) if args.start_timeout not in ("0", "0s") else None,
     )
     interruption = Interruption()
     search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
@@ -445,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "rankme (RankMe, the effective rank of the backbone's features: needs no labels; one method)")
     tune.add_argument("--trial-time-limit", help="stop a trial after this long, e.g. 5m")
     tune.add_argument("--time-budget", help="end the whole sweep after this long, e.g. 10m")
+    tune.add_argument("--start-timeout", default="10m",
+                      help="fail when no trial has started after this long, e.g. 30m (0: wait forever; default 10m)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the searcher")
     tune.add_argument("--name", help="sweep name (default: sweep-DATE-TIME)")
     tune.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")

@@ -91,6 +91,22 @@ class CompactReporter(ProgressReporter):
                 f"{counts[Trial.PENDING]} pending{best_text}")
 
 
+class OneLineFormatter(logging.Formatter):
+    """A record as one console line: its message and, for an exception, its type and first line (Tune logs a
+    trial whose node died with a 30-line traceback); the traceback itself goes to the log file only."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__()
+        self.log_path = log_path
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return record.getMessage()
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"{record.getMessage()}: {type(error).__name__}: {first} (traceback in {self.log_path})"
+
+
 def log_to_file(path: Path) -> logging.Logger:
     """Send Ray's INFO logs (Tune, Train) and the reporter's full tables to ``path``; warnings still reach
     the console."""
@@ -99,6 +115,7 @@ def log_to_file(path: Path) -> logging.Logger:
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     to_console = logging.StreamHandler()
     to_console.setLevel(logging.WARNING)
+    to_console.setFormatter(OneLineFormatter(path))
     for name in (*QUIET_LOGGERS, "ssl_tune"):
         logger = logging.getLogger(name)
         logger.handlers = [to_file, to_console]

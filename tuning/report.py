@@ -236,7 +236,9 @@ def _figure_of(axes: Any) -> plt.Figure:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+    with warnings.catch_warnings():  # a crowded figure keeps its layout instead of warning on the console
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -104,6 +104,7 @@ class SweepSettings:
     extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
     register: str | None = None  # register the winner's MLflow Model under this name
     keep_checkpoints: bool = False  # keep every trial's newest checkpoint, not only the logged winners'
+    start_timeout_s: float | None = 600.0  # fail a stage none of whose trials started by then (None: wait forever)
 
     def base_config(self) -> TrainConfig:
         """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
@@ -321,7 +322,7 @@ class _Stage:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS),
             # a trial whose node left (or whose process died) restarts from its last checkpoint
             failure_config=tune.FailureConfig(max_failures=self.base.scaling.max_failures),
-            callbacks=[self.callback(stage, name)],
+            callbacks=[self.callback(stage, name), StartWatchdog(settings.start_timeout_s)],
             verbose=1,
             progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label,
                                               settings.objective),
@@ -492,6 +493,43 @@ def _run_confirmation(stage: _Stage, name: str) -> tune.ResultGrid:
     return tuner.fit()
 
 
+class TrialsNeverStarted(RuntimeError):
+    """No trial of a sweep's stage started within ``--start-timeout``."""
+
+
+class StartWatchdog(tune.Callback):
+    """Fails a Tune experiment none of whose trials has started ``timeout_s`` after the first was created.
+
+    Started means Tune heard that the trial's actor is up (status RUNNING or later). A trial waits in
+    PENDING while the cluster has no room (busy, or scaling up): a reason to raise the timeout. It also
+    waited forever in one case seen in the tests: a sweep started from a Python process that had run
+    streamed training (Ray Data) on the same cluster, whose driver never heard that the trial actors
+    were alive. Either way the user gets a line that says what to do, not a silent hang.
+    """
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.first_created: float | None = None
+        self.started = False
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.started or not self.timeout_s or not trials:
+            return
+        if any(trial.status not in (Trial.PENDING, Trial.PAUSED) for trial in trials):
+            self.started = True
+            return
+        self.first_created = self.first_created or time.monotonic()
+        if time.monotonic() - self.first_created > self.timeout_s:
+            import ray
+
+            free = ray.available_resources().get("CPU", 0)
+            raise TrialsNeverStarted(
+                f"no trial started within {self.timeout_s:.0f} s ({len(trials)} waiting; the cluster has {free:g} "
+                f"CPUs free). If the cluster is busy or scaling up, raise --start-timeout (0 waits forever); if this "
+                "Python process ran streamed training (Ray Data) before, start the sweep from a fresh process "
+                "(`ssl-tune tune`). The sweep resumes with --resume NAME")
+
+
 class Interruption:
     """Ctrl-C and SIGTERM stop a sweep the way Tune stops on SIGUSR1: trials halt, state is saved for ``--resume``.
 
@@ -542,6 +580,7 @@ def load_settings(settings: SweepSettings) -> SweepSettings:
     saved.address = settings.address
     saved.trials = max(saved.trials, settings.trials or 0)  # --trials N on a resume extends the search to N
     saved.keep_checkpoints = settings.keep_checkpoints
+    saved.start_timeout_s = settings.start_timeout_s
     return saved
 
 

@@ -39,6 +39,9 @@ CANDIDATE_TAG = "ssl_tune.candidate"  # a confirmation run's config: "default" o
 LABELS_TAG = "ssl_tune.labels"  # the classes of the data, or that it has none and no accuracy was measured
 NO_LABELS = "none: no accuracy measured (no test split, kNN or linear probe); runs scored by RankMe on val"
 DEFAULT_EXPERIMENT = "ssl-tune"
+# MLflow prints "View run ... at: URL" for every run ended on a tracking server: 2 lines a trial. The console
+# prints the runs page once; the sweep's own lines stay the only per-trial ones.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # What a tracking server that went away raises through MlflowClient (connection refused, timeouts, 5xx).
 TRACKING_FAILURES = (MlflowException, requests.RequestException, OSError)
 
