@@ -36,7 +36,8 @@ class MlflowServer:
         ]
         with open(self.root / "server.log", "a") as log:
             self.process = subprocess.Popen(  # its own process group: stop() ends the server's workers too
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner: lighter
             )
         deadline = time.monotonic() + 300  # a liveness wait: MLflow's start-up is slow on a loaded 2-core machine
         while time.monotonic() < deadline:

@@ -338,9 +338,10 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ui_ends_its_server_and_job_workers_with_it_and_prints_the_runs_page(tmp_path, free_port, signum):
+def test_ui_ends_its_server_with_it_and_prints_the_runs_page(tmp_path, free_port, signum):
     """The signal goes to ``ssl-tune ui`` alone, as a terminal's Ctrl-C (its child has its own process group) or a
-    service manager's SIGTERM: the MLflow server and its job workers end with it, quietly, and the port is free."""
+    service manager's SIGTERM: the MLflow server ends with it, quietly, and the port is free. MLflow's job runner
+    (GenAI jobs, 7 processes) is not started."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = MlflowClient(uri).create_experiment("ssl-tune")
     ui = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--port", str(free_port), "--tracking-uri", uri],
@@ -351,7 +352,8 @@ def test_ui_ends_its_server_and_job_workers_with_it_and_prints_the_runs_page(tmp
         while not _serves(free_port) and ui.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         children = _descendants(ui.pid)
-        assert _serves(free_port) and len(children) >= 3  # mlflow ui, its web server, its job runner
+        assert _serves(free_port) and len(children) >= 2  # mlflow ui, its web server (no job runner)
+        assert not [pid for pid in children if "huey" in Path(f"/proc/{pid}/cmdline").read_text()]
         os.kill(ui.pid, signum)
         printed = ui.communicate(timeout=120)[0]
     finally:

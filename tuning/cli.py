@@ -410,6 +410,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {uri} at {url}  (Ctrl-C stops it)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port), "--workers", "1"]  # one local user: one worker starts in a fraction
+    # No job runner: its 7 processes (~1.7 GB) run MLflow's GenAI jobs, which ssl-tune never starts.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return run_process_group(command)
 
 
@@ -436,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "extends a finished sweep to this many")
     tune.add_argument("--epochs", type=int, help=f"epochs of a trial that is not pruned (sets optim.epochs; "
                       f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
-    tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default 2, or the "
-                      "trials' epochs when they train fewer)")
+    tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default: half the "
+                      "trials' epochs, rounded up, at least 2; bench/asha_rungs.py says why)")
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
     tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
     tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")

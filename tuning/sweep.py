@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -71,7 +72,13 @@ CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines
 LOG_FILE = "sweep.log"  # Tune's status tables and Ray's INFO logs (the console gets the compact lines)
 EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
-DEFAULT_MIN_EPOCHS = 2  # ASHA's grace period unless --min-epochs says otherwise (capped at the trials' epochs)
+
+
+def default_min_epochs(epochs: int) -> int:
+    """ASHA's grace period unless --min-epochs says otherwise: half the trials' epochs, rounded up, and at least 2
+    (capped at the epochs). On the demo (6 epochs, 24 random configs, bench/asha_rungs.py) val at epoch 1, 2, 3
+    ranked configs by their final val with Spearman 0.44, 0.60, 0.86."""
+    return min(epochs, max(2, math.ceil(epochs / 2)))
 
 
 @dataclass
@@ -82,7 +89,7 @@ class SweepSettings:
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     trials: int = 12
-    min_epochs: int | None = None  # epochs before ASHA may stop a trial; None: 2, or all when trials train fewer
+    min_epochs: int | None = None  # epochs before ASHA may stop a trial; None: half the trials' epochs
     reduction_factor: int = 2
     concurrency: int = 2
     searcher: str = "tpe"
@@ -211,7 +218,7 @@ def build_scheduler(settings: SweepSettings, max_epochs: int) -> tune.schedulers
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_epochs,
-        grace_period=min(settings.min_epochs or DEFAULT_MIN_EPOCHS, max_epochs),
+        grace_period=min(settings.min_epochs or default_min_epochs(max_epochs), max_epochs),
         reduction_factor=settings.reduction_factor,
     )
 
