@@ -48,6 +48,7 @@ VARIANTS = {  # a side of ours: its overrides (a name with "bf16" also turns bf1
     "batched": [],
     "batched+channels_last": ["optim.channels_last=true"],
     "batched+bf16": [],
+    "batched+channels_last+bf16": ["optim.channels_last=true"],
     "batched+compile": ["optim.compile=true"],
     "batched+compile+channels_last": ["optim.compile=true", "optim.channels_last=true"],
     "batched+compile+bf16": ["optim.compile=true"],

@@ -75,8 +75,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     exclude_bias_and_norm: bool = True
-    mixed_precision: bool = True
-    channels_last: bool = False
+    mixed_precision: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (see loop.uses_bf16)
+    channels_last: bool = True  # NHWC activations: 1.2x a CPU step, 1.8x with bf16 (bench/throughput.py)
     compile: bool = False  # torch.compile the method's forward: faster steps after minutes of compiling
 
 

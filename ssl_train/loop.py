@@ -226,6 +226,15 @@ def train_step(
     return loss.detach(), embeddings, method.after_optimizer_step(step, total_steps)
 
 
+def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the training step (``optim.mixed_precision``): on CUDA, and on a CPU whose oneDNN runs
+    bf16 kernels natively (AVX-512 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    if not config.optim.mixed_precision:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Trainer:
     """One run of one config on one worker: :meth:`fit` runs :meth:`train_one_epoch` and :meth:`epoch_outcome`
     per epoch, reporting metrics and a checkpoint after each.
@@ -279,7 +288,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.batches = EpochBatches(config, images, sampler, device)
         self.loss_weight = loss_weight(config.optim.batch_size, context.world_size, context.rank)
-        self.bf16 = device.type == "cuda" and config.optim.mixed_precision
+        self.bf16 = uses_bf16(config, device)
         self.memory_format = torch.channels_last if config.optim.channels_last else torch.contiguous_format
 
     def _restore(self, checkpoint: str | Path | dict[str, Any] | None) -> None:
