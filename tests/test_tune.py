@@ -17,13 +17,22 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ssl_train.config import ConfigError, load_config
-from tuning.cli import main
+from tuning.cli import (
+    DEMO_CONFIRM_TOP,
+    DEMO_DATA,
+    DEMO_SWEEP_EPOCHS,
+    DEMO_TRIALS,
+    build_parser,
+    main,
+    sweep_settings,
+)
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, TrialsNeverStarted, default_min_epochs, finish_sweep, run_sweep
 from tuning.tracking import CANDIDATE_TAG, REASON_TAG, STAGE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
 
 TINY = [
-    "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
+    "data.source=digits", "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20",
+    "backbone.width=8",
     "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
 ]
 
@@ -382,6 +391,18 @@ def test_asha_waits_half_the_epochs_by_default():
     assert [default_min_epochs(epochs) for epochs in (1, 2, 3, 4, 6, 7, 20)] == [1, 2, 2, 2, 3, 4, 10]
 
 
+def test_the_demo_sweeps_mnist5k_and_a_chosen_source_keeps_the_general_sizes():
+    """Issue 23.3: without --config or data.source, ``ssl-tune tune`` is the demo (MNIST-5k, 8 trials of 6 epochs,
+    the best 1 confirmed); naming the data, or the sizes, takes them from the user."""
+    demo = sweep_settings(build_parser().parse_args(["tune"]))
+    assert (demo.base_config().data.source, demo.base_config().optim.epochs) == (DEMO_DATA, DEMO_SWEEP_EPOCHS)
+    assert (demo.trials, demo.confirm_top) == (DEMO_TRIALS, DEMO_CONFIRM_TOP) != (12, 2)
+    own = sweep_settings(build_parser().parse_args(["tune", "--set", "data.source=digits"]))
+    assert own.base_config().data.source == "digits" and (own.trials, own.confirm_top) == (12, 2)
+    sized = sweep_settings(build_parser().parse_args(["tune", "--trials", "3", "--confirm-top", "2"]))
+    assert sized.base_config().data.source == DEMO_DATA and (sized.trials, sized.confirm_top) == (3, 2)
+
+
 def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_file):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = SweepSettings(
@@ -405,7 +426,7 @@ def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_c
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = (done.stdout + done.stderr).splitlines()
-    # 4 search + 4 confirmation trials: a line each, a few summary lines, the report. The 12 + 9 trials of
+    # 4 search + 4 confirmation trials: a line each, a few summary lines, the report. The 8 + 6 trials of
     # the default demo add one line per trial, which keeps it within about 80 lines.
     assert len(lines) <= 60, "\n".join(lines)
     assert sum("trial " in line and " epochs  val knn_acc at last epoch " in line for line in lines) == 4 + 4

