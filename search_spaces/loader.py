@@ -115,7 +115,7 @@ class Param:
             labels = self.choice_labels()
             label = value if value in labels else json.dumps(value)
             return label if label in labels else None
-        return value if self.low <= value <= self.high else None
+        return value if value is not None and self.low <= value <= self.high else None
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,21 @@ def view_recipes(config: TrainConfig) -> list[ViewRecipe]:
     return [recipe(0, side, a.global_crop_scale), recipe(1, side, a.global_crop_scale), *local]
 
 
+_SCALED_OPS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p")
+
+
+def effective_ops(config: TrainConfig) -> dict[str, float | list[float]]:
+    """The per-op ``augment.*`` fields as the views use them: a field left at ``None`` holds the value
+    ``strength`` gives it (pairs are view 1, view 2), so ``config.replace(effective_ops(config))`` makes the
+    same views."""
+    first, second = view_recipes(config)[:2]
+    return {
+        **{f"augment.{name}": getattr(first, name) for name in _SCALED_OPS},
+        "augment.blur_p": [first.blur_p, second.blur_p],
+        "augment.solarize_p": [first.solarize_p, second.solarize_p],
+    }
+
+
 def blur_kernel_size(side: int) -> int:
     """About 10% of the image side, odd and at least 3 (BYOL and SwAV: 23 at 224)."""
     size = round(0.1 * side)

@@ -13,6 +13,7 @@ from ssl_train.augment import (
     ViewRecipe,
     blur_kernel_size,
     build_view_transform,
+    effective_ops,
     normalize_batch,
     view_recipes,
 )
@@ -79,6 +80,20 @@ def test_per_op_override_beats_strength():
     assert (view1.grayscale_p, view1.blur_p, view2.blur_p, view1.brightness, view1.flip_p) == (0.0, 0.5, 0.5, 0.1, 0.0)
     assert (view1.contrast, view1.jitter_p, view2.solarize_p) == (0.8, 1.0, 0.4)  # the rest follow strength
     assert v2.RandomGrayscale not in op_types(view1) and v2.RandomHorizontalFlip not in op_types(view1)
+
+
+@pytest.mark.parametrize("augment", [{}, {"strength": 0.5}, {"strength": 2.0, "hue": 0.3, "blur_p": [0.2, 0.9]}])
+def test_effective_ops_spell_out_what_strength_sets_and_make_the_same_views(augment):
+    config = from_dict({"augment": augment})
+    spelled = config.replace(effective_ops(config))
+    assert view_recipes(spelled) == view_recipes(config)
+    assert None not in [spelled.augment.jitter_p, spelled.augment.hue, spelled.augment.blur_p]
+    if augment.get("strength") == 0.5:  # the paper's values halved (Table 6)
+        assert effective_ops(config) == {
+            "augment.jitter_p": 0.4, "augment.brightness": 0.2, "augment.contrast": 0.2, "augment.saturation": 0.1,
+            "augment.hue": 0.05, "augment.grayscale_p": 0.1, "augment.blur_p": [0.5, 0.05],
+            "augment.solarize_p": [0.0, 0.1],
+        }
 
 
 def test_swav_multi_crop_gives_two_global_and_v_local_views():

@@ -385,6 +385,26 @@ def test_a_sweep_whose_trials_never_start_fails_after_the_start_timeout(ray_clus
     assert time.monotonic() - started < 120
 
 
+def test_an_augment_sweep_starts_from_the_base_configs_views(ray_cluster, tmp_path):
+    """The first trial of ``--space augment`` is the base config: its per-op fields, left to ``strength``, are
+    searched from the values strength gives them (BYOL's recipe here), not refused or resampled."""
+    recipe = ["augment.crop_scale=[0.08,1.0]", "augment.strength=1.0"]
+    settings = SweepSettings(space="augment", overrides=[*TINY, "optim.epochs=1", *recipe], trials=1,
+                             scheduler="none", name="recipe", storage=str(tmp_path / "sweeps"),
+                             tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="ssl-tune-test",
+                             confirm=False)
+    (result,) = run_sweep(settings)[0]
+    assert result.error is None
+    study = optuna.load_study(study_name="recipe", storage=f"sqlite:///{tmp_path / 'sweeps/recipe/optuna.db'}")
+    assert study.trials[0].params == {
+        "augment.crop_scale": "[0.08, 1.0]", "augment.flip_p": 0.5, "augment.jitter_p": 0.8,
+        "augment.brightness": 0.4, "augment.contrast": 0.4, "augment.saturation": 0.2, "augment.hue": 0.1,
+        "augment.grayscale_p": 0.2, "augment.blur_p": "[1.0, 0.1]", "augment.solarize_p": "[0.0, 0.2]",
+    }
+    (run,) = children(MlflowClient(settings.tracking_uri), "recipe")
+    assert run.data.params["augment.blur_p"] == "[1.0, 0.1]" and run.data.params["augment.jitter_p"] == "0.8"
+
+
 def test_asha_waits_half_the_epochs_by_default():
     """bench/asha_rungs.py: on the demo, val after epoch 2 of 6 ranked configs by their final val at Spearman 0.60,
     after epoch 3 at 0.86. At least 2 epochs; never more than the trials train."""

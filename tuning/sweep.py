@@ -39,6 +39,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace, load_space
 from ssl_train import uris
+from ssl_train.augment import effective_ops
 from ssl_train.config import ConfigError, TrainConfig, check_at_least, load_config
 from ssl_train.data import load_splits
 from ssl_train.distributed import check_capacity, ensure_ray
@@ -122,9 +123,10 @@ class SweepSettings:
 
 
 def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
-    """The base config's value of every searched key, as Optuna stores it (the first trial); a key whose
-    default the space cannot take is left for Optuna to sample."""
-    flat = base.flat()
+    """The base config's value of every searched key, as Optuna stores it (the first trial); a per-op
+    augmentation left to ``strength`` counts as the value it gets from it, and a key whose default the space
+    cannot take is left for Optuna to sample."""
+    flat = {**base.flat(), **effective_ops(base)}
     point = {param.path: param.optuna_value(flat[param.path]) for param in space.params}
     return {key: value for key, value in point.items() if value is not None}
 
