@@ -28,7 +28,16 @@ from tuning.cli import (
 )
 from tuning.report import load_report
 from tuning.sweep import SweepSettings, TrialsNeverStarted, default_min_epochs, finish_sweep, run_sweep
-from tuning.tracking import CANDIDATE_TAG, REASON_TAG, STAGE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG, TrackingError
+from tuning.tracking import (
+    CANDIDATE_TAG,
+    DEFAULT_TAG,
+    REASON_TAG,
+    STAGE_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    TrackingError,
+)
 
 TINY = [
     "data.source=digits", "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20",
@@ -403,6 +412,9 @@ def test_an_augment_sweep_starts_from_the_base_configs_views(ray_cluster, tmp_pa
     }
     (run,) = children(MlflowClient(settings.tracking_uri), "recipe")
     assert run.data.params["augment.blur_p"] == "[1.0, 0.1]" and run.data.params["augment.jitter_p"] == "0.8"
+    # It is known as the default: confirmation must not confirm the start against itself as a search winner.
+    assert run.data.tags[DEFAULT_TAG] == "true" and load_report(settings.tracking_uri, "recipe", "ssl-tune-test"
+                                                               ).table["is_default"].tolist() == [True]
 
 
 def test_asha_waits_half_the_epochs_by_default():

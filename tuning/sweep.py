@@ -122,11 +122,16 @@ class SweepSettings:
         return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
 
 
+def base_values(base: TrainConfig) -> dict[str, Any]:
+    """Every config key's value in the base, a per-op augmentation left to ``strength`` as the value it gets."""
+    return {**base.flat(), **effective_ops(base)}
+
+
 def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
     """The base config's value of every searched key, as Optuna stores it (the first trial); a per-op
     augmentation left to ``strength`` counts as the value it gets from it, and a key whose default the space
     cannot take is left for Optuna to sample."""
-    flat = {**base.flat(), **effective_ops(base)}
+    flat = base_values(base)
     point = {param.path: param.optuna_value(flat[param.path]) for param in space.params}
     return {key: value for key, value in point.items() if value is not None}
 
@@ -257,7 +262,7 @@ def tune_path(settings: SweepSettings, experiment: str | None = None) -> str:
 def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, preview_images, workdir: Path):
     """For the MLflow callback: a trial's full params, tags and artifacts (config YAML, augmentation preview)."""
     commit = git_commit()
-    flat = base.flat()
+    flat = base_values(base)  # the default trial holds these values (its per-op augmentations spelled out)
     default_values = {key: flat[key] for key in default_point(space, base)}
 
     def describe(trial: Trial) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
