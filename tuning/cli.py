@@ -270,10 +270,15 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def sets_key(overrides: list[str], key: str) -> bool:
+    """Whether one of the ``key=value`` overrides sets ``key``."""
+    return any(parse_override(text)[0] == key for text in overrides)
+
+
 def warmup_within(args: argparse.Namespace, epochs: int) -> list[str]:
     """The override that shortens the config's warm-up to ``epochs`` when it is longer and the user did not set
     it (the default 2 epochs under ``--epochs 1``); says so. ``[]`` otherwise."""
-    if any(parse_override(text)[0] == "optim.warmup_epochs" for text in args.overrides):
+    if sets_key(args.overrides, "optim.warmup_epochs"):
         return []
     warmup = load_config(args.config, list(args.overrides)).optim.warmup_epochs
     if warmup <= epochs:
@@ -289,11 +294,10 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs} is invalid; it must be >= 1")
     overrides = list(args.overrides)
-    sets_epochs = any(parse_override(text)[0] == "optim.epochs" for text in overrides)
-    demo = not (args.config or args.resume or any(parse_override(text)[0] == "data.source" for text in overrides))
+    demo = not (args.config or args.resume or sets_key(overrides, "data.source"))
     if demo:
         overrides.insert(0, f"data.source={DEMO_DATA}")
-    epochs = args.epochs or (None if args.config or sets_epochs else DEMO_SWEEP_EPOCHS)
+    epochs = args.epochs or (None if args.config or sets_key(overrides, "optim.epochs") else DEMO_SWEEP_EPOCHS)
     if epochs and not args.resume:  # a resumed sweep keeps the overrides it started with
         overrides += [f"optim.epochs={epochs}", *warmup_within(args, epochs)]
     overrides += [f"{key}={json.dumps(value)}" for key, value in scaling_overrides(args).items()]
