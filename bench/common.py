@@ -21,7 +21,10 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
 
 
 def machine() -> str:
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    """The CPU facts a timing depends on; native bf16 decides whether trials train in bf16 (loop.uses_bf16)."""
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (f"{platform.machine()} CPU ({'native bf16' if bf16 else 'no native bf16: trials train in float32'}), "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def append_section(section: str, results: Path = RESULTS) -> None:
