@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ssl_train.loop import cpu_has_native_bf16
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
@@ -22,8 +24,8 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
 
 def machine() -> str:
     """The CPU facts a timing depends on; native bf16 decides whether trials train in bf16 (loop.uses_bf16)."""
-    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return (f"{platform.machine()} CPU ({'native bf16' if bf16 else 'no native bf16: trials train in float32'}), "
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16: trials train in float32"
+    return (f"{platform.machine()} CPU ({bf16}), "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 

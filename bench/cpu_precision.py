@@ -14,7 +14,6 @@ import argparse
 import time
 
 import pandas as pd
-import torch
 
 from bench.common import append_section, machine, markdown_table
 from ssl_train.config import load_config
@@ -48,10 +47,9 @@ def main() -> None:
     print(markdown_table(table), markdown_table(summary), f"speed-up {ratio:.2f}x", sep="\n\n")
     append_section(f"""## bf16 + channels_last on the CPU: a demo trial (bench/cpu_precision.py, {time.strftime("%F")})
 
-`python -m bench.cpu_precision --seeds {args.seeds} --epochs {args.epochs}` ({machine()}; oneDNN bf16
-{torch.ops.mkldnn._is_mkldnn_bf16_supported()}): the default config for {args.epochs} epochs, kNN on val each epoch, the
-two sides interleaved seed by seed. A trial's wall time, evaluation included: **{ratio:.2f}x faster** with the new
-defaults.
+`python -m bench.cpu_precision --seeds {args.seeds} --epochs {args.epochs}` ({machine()}): the default
+config for {args.epochs} epochs, kNN on val each epoch, the two sides interleaved seed by seed. A trial's wall time,
+evaluation included: **{ratio:.2f}x faster** with the new defaults.
 
 {markdown_table(summary)}
 

@@ -226,13 +226,17 @@ def train_step(
     return loss.detach(), embeddings, method.after_optimizer_step(step, total_steps)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU's oneDNN runs bf16 kernels natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast for the training step (``optim.mixed_precision``): on CUDA, and on a CPU whose oneDNN runs
-    bf16 kernels natively (AVX-512 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    """bf16 autocast for the training step (``optim.mixed_precision``): on CUDA, and on a CPU with native bf16;
+    elsewhere bf16 is emulated and slower than float32."""
     if not config.optim.mixed_precision:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 class Trainer:
