@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ssl_train.loop import cpu_has_native_bf16
+from ssl_train.training.loop import cpu_has_native_bf16
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

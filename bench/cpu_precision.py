@@ -18,7 +18,7 @@ import pandas as pd
 from bench.common import append_section, machine, markdown_table
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
-from ssl_train.loop import in_process_device, train_loop, uses_bf16
+from ssl_train.training.loop import in_process_device, train_loop, uses_bf16
 
 SIDES = {"float32, NCHW (old CPU default)": ["optim.mixed_precision=false", "optim.channels_last=false"],
          "bf16 autocast + channels_last (new default)": []}

@@ -30,10 +30,11 @@ import ray
 from bench.common import append_section, machine, markdown_table
 from bench.overlapping_crops import write_overlapping_crops
 from ssl_train.data import load_images, load_splits
-from ssl_train.distributed import checkpoint_state
-from ssl_train.evaluate import extract_features, fitted_knn_k, knn_accuracy
-from ssl_train.loop import build_model
+from ssl_train.evaluation.features import extract_features
+from ssl_train.evaluation.knn import fitted_knn_k, knn_accuracy
 from ssl_train.status import Status
+from ssl_train.training.distributed import checkpoint_state
+from ssl_train.training.loop import build_model
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, paired_margin
 from tuning.sweep import SweepSettings, finish_sweep, run_sweep
 from tuning.trial import trial_overrides

@@ -39,9 +39,9 @@ from bench.common import append_section, machine, markdown_table  # noqa: E402
 from bench.search_quality import SMALL, mnist5k_parquet  # noqa: E402
 from ssl_train.config import TrainConfig, from_dict  # noqa: E402
 from ssl_train.data import DatasetSplits, load_splits  # noqa: E402
-from ssl_train.distributed import checkpoint_state  # noqa: E402
-from ssl_train.evaluate import evaluate_backbone  # noqa: E402
-from ssl_train.loop import build_model, train_loop  # noqa: E402
+from ssl_train.evaluation.evaluate import evaluate_backbone  # noqa: E402
+from ssl_train.training.distributed import checkpoint_state  # noqa: E402
+from ssl_train.training.loop import build_model, train_loop  # noqa: E402
 from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, candidates, seed_margin  # noqa: E402
 from tuning.report import load_report  # noqa: E402
 from tuning.sweep import SweepSettings, run_sweep  # noqa: E402

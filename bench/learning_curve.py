@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from bench.common import append_section, machine, markdown_table  # noqa: E402
 from bench.objective_noise import command_line, default_runs_setup, train_with_features  # noqa: E402
-from ssl_train.evaluate import fitted_knn_k, knn_accuracy, knn_protocol, pixel_knn_accuracy  # noqa: E402
+from ssl_train.evaluation.knn import fitted_knn_k, knn_accuracy, knn_protocol, pixel_knn_accuracy  # noqa: E402
 
 HERE = Path(__file__).parent
 MARGIN = 0.05

@@ -26,8 +26,8 @@ import pandas as pd
 from bench.common import append_section, machine, markdown_table
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import load_splits
-from ssl_train.evaluate import evaluate_backbone
-from ssl_train.loop import WorkerContext, build_model, train_loop
+from ssl_train.evaluation.evaluate import evaluate_backbone
+from ssl_train.training.loop import WorkerContext, build_model, train_loop
 
 TARGET_GAIN = 0.05  # kNN accuracy points over the same backbone at random init
 STD_FLOOR = 0.5  # embedding std x sqrt(d): about 1 when spread, 0 when collapsed

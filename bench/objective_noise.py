@@ -30,8 +30,9 @@ from bench.common import append_section, machine, markdown_table
 from ssl_train import load_config
 from ssl_train.config import EvalConfig, TrainConfig
 from ssl_train.data import DatasetSplits, load_splits
-from ssl_train.evaluate import extract_features, fitted_knn_k, knn_predict, pixel_knn_accuracy
-from ssl_train.loop import Trainer, WorkerContext
+from ssl_train.evaluation.features import extract_features
+from ssl_train.evaluation.knn import fitted_knn_k, knn_predict, pixel_knn_accuracy
+from ssl_train.training.loop import Trainer, WorkerContext
 
 PROTOCOLS = {"k=200, T=0.1": (200, 0.1), "fitted k=20, T=0.07": (20, 0.07)}
 BOOTSTRAPS = 1000

@@ -3,8 +3,9 @@
 Same model, data, global batches, optimizer and thread count on every path, measured in one run:
 
 - plain: a bare PyTorch loop (model, loader, optimizer, schedule; no eval, checkpoint or report);
-- in-process: ``ssl_train.loop.train_loop`` in this process (what ``train()`` runs for 1 worker);
-- ray-1: ``ssl_train.distributed.fit`` with 1 Ray Train worker (what ``train()`` runs for 2+ workers or an address).
+- in-process: ``ssl_train.training.loop.train_loop`` in this process (what ``train()`` runs for 1 worker);
+- ray-1: ``ssl_train.training.distributed.fit`` with 1 Ray Train worker (what ``train()`` runs for 2+ workers
+  or an address).
 
 Epoch time is the steady-state period between consecutive epochs (the first and the last epoch left out: warm-up,
 final kNN eval). The fixed start-up of a path is its wall time minus its epochs' time. Usage::
@@ -32,13 +33,13 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from bench.common import append_section
-from ssl_train.augment_batched import build_augmenter
+from ssl_train.augment.batched import build_augmenter
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import DatasetSplits, load_splits
-from ssl_train.distributed import fit
-from ssl_train.loop import Trainer, WorkerContext, build_model, train_loop, train_step
-from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.sharding import GlobalBatchSampler
+from ssl_train.data.sharding import GlobalBatchSampler
+from ssl_train.training.distributed import fit
+from ssl_train.training.loop import Trainer, WorkerContext, build_model, train_loop, train_step
+from ssl_train.training.optim import build_optimizer, build_scheduler
 
 BASE = ["data.image_size=16", "backbone.width=16", "optim.batch_size=128", "eval.knn_k=20", "optim.warmup_epochs=1"]
 TINY = ["data.image_size=8", "backbone.width=8", "optim.batch_size=128", "eval.knn_k=20", "optim.epochs=2",

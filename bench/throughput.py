@@ -10,7 +10,8 @@ images, and no DataLoader worker processes (augmentation runs in the training pr
 - ``lightly``: lightly 1.6's BYOL example (``BYOLTransform`` on PIL images, ``BYOLProjectionHead`` /
   ``BYOLPredictionHead``, ``NegativeCosineSimilarity``, ``update_momentum``, SGD) around the same backbone.
 
-The first two drive :class:`ssl_train.loop.Trainer`'s own batches and ``train_step``. A step's time is split into
+The first two drive :class:`ssl_train.training.loop.Trainer`'s own batches and ``train_step``.
+A step's time is split into
 producing its views (augmentation) and the model step (forward, backward, optimiser, EMA). Usage::
 
     python -m bench.throughput               # ~15 min on 2 cores; appends its section to bench/RESULTS.md
@@ -36,7 +37,7 @@ from torch import nn
 from bench.common import append_section, markdown_table
 from ssl_train.config import TrainConfig, load_config
 from ssl_train.data import load_splits
-from ssl_train.loop import Trainer, WorkerContext, train_step
+from ssl_train.training.loop import Trainer, WorkerContext, train_step
 
 CASES = [  # (method, backbone, image side)
     ("byol", "small_cnn", 32), ("byol", "resnet18", 32), ("byol", "resnet18", 96),
@@ -118,7 +119,7 @@ def lightly_side(config: TrainConfig, splits, device: torch.device) -> Side:  # 
     from torch.utils.data import DataLoader, Dataset
     from torchvision.transforms.v2 import functional as TF
 
-    from ssl_train.backbones import build_backbone
+    from ssl_train.methods.backbones import build_backbone
 
     class LightlyBYOL(nn.Module):
         def __init__(self, backbone: nn.Module) -> None:

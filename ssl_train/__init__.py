@@ -13,9 +13,10 @@ _EXPORTS = {
     "ConfigError": "ssl_train.config",
     "TrainConfig": "ssl_train.config",
     "load_config": "ssl_train.config",
-    "RunOutcome": "ssl_train.loop",
-    "load_backbone": "ssl_train.run",
-    "train": "ssl_train.run",
+    "RunOutcome": "ssl_train.training.loop",
+    "load_backbone": "ssl_train.training.run",
+    "load_embedding_model": "ssl_train.training.run",
+    "train": "ssl_train.training.run",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from ssl_train import uris
-from ssl_train.group_by import GroupByError, parse_group_by
+from ssl_train.data import uris
+from ssl_train.data.group_by import GroupByError, parse_group_by
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,7 @@ class DataConfig:
     # Stream the SSL-train images of a parquet data.path to the workers with Ray Data instead of
     # decoding all of them in every worker (labeled sets from data.labeled_path stay in memory).
     streaming: bool = False
-    # What ties images together (level:N, regex:PATTERN or column:NAME; ssl_train/group_by.py): the splits keep
+    # What ties images together (level:N, regex:PATTERN or column:NAME; ssl_train/data/group_by.py): the splits keep
     # each group in one split. None: each image is its own group.
     group_by: Optional[str] = None
     # Count the val/test images with a near-copy among the training images (ssl_train/data/leaks.py).

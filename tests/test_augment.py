@@ -8,7 +8,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from ssl_train.augment import (
+from ssl_train.augment.preview import save_preview
+from ssl_train.augment.recipes import (
     MultiViewDataset,
     ViewRecipe,
     blur_kernel_size,
@@ -18,7 +19,6 @@ from ssl_train.augment import (
     view_recipes,
 )
 from ssl_train.config import ConfigError, from_dict
-from ssl_train.preview import save_preview
 
 RATIO = (3 / 4, 4 / 3)
 

@@ -12,8 +12,7 @@ from test_augment import identity_recipe, random_images
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_train.augment import MEAN, STD, PerSampleViews, blur_kernel_size, view_recipes
-from ssl_train.augment_batched import (
+from ssl_train.augment.batched import (
     BatchedViews,
     ViewParams,
     apply_view,
@@ -26,6 +25,7 @@ from ssl_train.augment_batched import (
     resized_crop,
     shift_hue,
 )
+from ssl_train.augment.recipes import MEAN, STD, PerSampleViews, blur_kernel_size, view_recipes
 from ssl_train.config import from_dict
 
 SOLARIZE_STEP = 2 * 128 / 255 - 1  # how far solarising moves a pixel at the threshold

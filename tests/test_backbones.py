@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_train.backbones import build_backbone
 from ssl_train.config import BackboneConfig, min_image_size
+from ssl_train.methods.backbones import build_backbone
 
 CASES = [
     (BackboneConfig("small_cnn", width=8), 64),

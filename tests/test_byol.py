@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_train.byol import BYOL, byol_loss, ema_update_, tau_schedule
 from ssl_train.config import TrainConfig
 from ssl_train.methods import build_method
+from ssl_train.methods.byol import BYOL, byol_loss, ema_update_, tau_schedule
 
 
 def tiny_backbone() -> nn.Module:

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from ssl_train.checkpoint import (
+from ssl_train.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,

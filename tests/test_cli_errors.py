@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 from test_data import _write_class_folder, _write_flat_folder
 from test_loop import TINY
 
-from ssl_train.backbones import build_backbone
-from ssl_train.checkpoint import list_checkpoints, load_checkpoint
 from ssl_train.config import ConfigError, load_config
-from ssl_train.run import train
+from ssl_train.methods.backbones import build_backbone
+from ssl_train.training.checkpoint import list_checkpoints, load_checkpoint
+from ssl_train.training.run import train
 from tuning.cli import main
 
 SPACE_HEAD = "description: a broken space\n"

@@ -23,15 +23,15 @@ from ray.train.torch import TorchTrainer
 from ray.util.state import list_actors
 from test_loop import TINY
 
-from ssl_train.checkpoint import load_checkpoint
 from ssl_train.config import ConfigError, load_config
 from ssl_train.data import load_splits
-from ssl_train.distributed import check_capacity
-from ssl_train.loop import WorkerContext, build_model, train_loop
-from ssl_train.run import train
-from ssl_train.sharding import GlobalBatchSampler, local_batch_sizes
+from ssl_train.data.sharding import GlobalBatchSampler, local_batch_sizes
+from ssl_train.methods.swav import sinkhorn
 from ssl_train.status import Status
-from ssl_train.swav import sinkhorn
+from ssl_train.training.checkpoint import load_checkpoint
+from ssl_train.training.distributed import check_capacity
+from ssl_train.training.loop import WorkerContext, build_model, train_loop
+from ssl_train.training.run import train
 from tuning.cli import main
 
 EPSILON, ITERATIONS = 0.05, 3

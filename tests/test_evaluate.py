@@ -14,18 +14,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
 from ssl_train.config import EvalConfig
-from ssl_train.evaluate import (
-    effective_rank,
-    embedding_std,
-    evaluate_backbone,
-    extract_features,
-    fitted_knn_k,
-    knn_accuracy,
-    knn_predict,
-    knn_protocol,
-    linear_probe_accuracy,
-    pixel_knn_accuracy,
-)
+from ssl_train.evaluation.evaluate import evaluate_backbone
+from ssl_train.evaluation.features import extract_features
+from ssl_train.evaluation.knn import fitted_knn_k, knn_accuracy, knn_predict, knn_protocol, pixel_knn_accuracy
+from ssl_train.evaluation.label_free import effective_rank, embedding_std
+from ssl_train.evaluation.probe import linear_probe_accuracy
 
 
 @pytest.fixture(scope="module")

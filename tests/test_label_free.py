@@ -19,8 +19,8 @@ from test_tune import TINY, children
 
 from ssl_train.config import DataConfig, load_config
 from ssl_train.data import folder_to_parquet, load_splits
-from ssl_train.evaluate import RANKME_SAMPLES, effective_rank, rankme_sample
-from ssl_train.run import train
+from ssl_train.evaluation.label_free import RANKME_SAMPLES, effective_rank, rankme_sample
+from ssl_train.training.run import train
 from tuning.cli import main
 from tuning.confirm import Confirmation, metric_on_test
 from tuning.tracking import LABELS_TAG, NO_LABELS, STATUS_TAG

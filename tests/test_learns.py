@@ -13,9 +13,9 @@ import pytest
 
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
-from ssl_train.evaluate import evaluate_backbone
-from ssl_train.loop import build_model, train_loop
+from ssl_train.evaluation.evaluate import evaluate_backbone
 from ssl_train.status import Status
+from ssl_train.training.loop import build_model, train_loop
 
 MARGIN_OVER_RANDOM_INIT = {"byol": 0.02, "swav": 0.0}
 

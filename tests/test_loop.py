@@ -6,15 +6,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ssl_train.augment import view_recipes
-from ssl_train.augment_batched import BatchedViews
-from ssl_train.backbones import build_backbone
-from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
+from ssl_train.augment.batched import BatchedViews
+from ssl_train.augment.recipes import view_recipes
 from ssl_train.config import load_config
 from ssl_train.data import load_splits
-from ssl_train.loop import Trainer, WorkerContext, train_loop
-from ssl_train.run import load_backbone, train
+from ssl_train.methods.backbones import build_backbone
 from ssl_train.status import Status
+from ssl_train.training.checkpoint import latest_checkpoint, load_checkpoint
+from ssl_train.training.loop import Trainer, WorkerContext, train_loop
+from ssl_train.training.run import load_backbone, train
 from tuning.cli import main
 
 TINY = [
@@ -154,7 +154,7 @@ def test_bad_config_fails_before_work(capsys, tmp_path):
 
 def test_the_loop_passes_the_global_step_to_tau(digits8):
     """tau after each epoch's last step is the per-step cosine (Grill et al. Sec. 3.2) at that global step k."""
-    from ssl_train.byol import tau_schedule
+    from ssl_train.methods.byol import tau_schedule
 
     config = load_config(overrides=[*TINY, "optim.epochs=3", "optim.warmup_epochs=0", "byol.tau_base=0.9"])
     result = train_loop(config, lambda m, c: None, splits=digits8)

@@ -13,9 +13,9 @@ from test_loop import TINY
 
 from ssl_train.config import load_config
 from ssl_train.data import load_images
-from ssl_train.embedding import EmbeddingModel
-from ssl_train.evaluate import extract_features
-from ssl_train.run import load_backbone, load_embedding_model
+from ssl_train.evaluation.features import extract_features
+from ssl_train.export.embedding import EmbeddingModel
+from ssl_train.training.run import load_backbone, load_embedding_model
 from tuning.cli import main
 
 

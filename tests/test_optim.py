@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ssl_train.config import OptimConfig
-from ssl_train.optim import LARS, base_lr, build_optimizer, build_scheduler
+from ssl_train.training.optim import LARS, base_lr, build_optimizer, build_scheduler
 
 
 def small_model() -> nn.Module:

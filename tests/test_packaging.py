@@ -16,7 +16,7 @@ OWN = {"ssl_train", "tuning", "search_spaces", "bench"}
 def imported_top_level_modules() -> set[str]:
     modules = set()
     for folder in ("ssl_train", "tuning", "search_spaces"):
-        for file in (ROOT / folder).glob("*.py"):
+        for file in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(file.read_text())):
                 if isinstance(node, ast.Import):
                     modules |= {alias.name.split(".")[0] for alias in node.names}
@@ -42,7 +42,7 @@ def test_every_imported_distribution_is_declared():
 
 def test_ssl_train_imports_nothing_from_tuning():
     """The trainer is usable without the sweep layer; the command line (tuning/cli.py) may import both."""
-    for file in (ROOT / "ssl_train").glob("*.py"):
+    for file in (ROOT / "ssl_train").rglob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssl_train.sharding import GlobalBatchSampler, local_batch_sizes, loss_weight
+from ssl_train.data.sharding import GlobalBatchSampler, local_batch_sizes, loss_weight
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -19,10 +19,10 @@ from test_loop import TINY
 
 from ssl_train.config import ConfigError, load_config
 from ssl_train.data import load_splits
-from ssl_train.distributed import check_capacity
-from ssl_train.loop import train_loop
-from ssl_train.sharding import GlobalBatchSampler, ShardedImages
-from ssl_train.streaming import decode_row_group, parquet_row_groups, ssl_dataset, streamed_rows
+from ssl_train.data.sharding import GlobalBatchSampler, ShardedImages
+from ssl_train.data.streaming import decode_row_group, parquet_row_groups, ssl_dataset, streamed_rows
+from ssl_train.training.distributed import check_capacity
+from ssl_train.training.loop import train_loop
 from tuning.cli import main
 
 RUN = [*TINY, "optim.epochs=2", "optim.warmup_epochs=0"]

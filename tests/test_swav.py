@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ssl_train.config import TrainConfig
-from ssl_train.loop import train_step
 from ssl_train.methods import build_method
-from ssl_train.swav import SwAV, sinkhorn, swav_loss
+from ssl_train.methods.swav import SwAV, sinkhorn, swav_loss
+from ssl_train.training.loop import train_step
 
 
 def tiny_backbone() -> nn.Module:
@@ -263,10 +263,10 @@ def test_queues_start_empty_after_a_resume_with_two_workers(tmp_path):
     """A checkpoint holds rank 0's queue only: a 2-worker resume must not give every worker that copy."""
     from test_loop import TINY
 
-    from ssl_train.checkpoint import load_checkpoint
     from ssl_train.config import load_config
     from ssl_train.data import load_splits
-    from ssl_train.loop import WorkerContext, train_loop
+    from ssl_train.training.checkpoint import load_checkpoint
+    from ssl_train.training.loop import WorkerContext, train_loop
 
     config = load_config(overrides=[*TINY, "method=swav", "optim.epochs=1", "optim.warmup_epochs=0",
                                     "swav.queue_length=256", "swav.queue_start_epoch=0"])

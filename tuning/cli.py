@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssl_train import uris
 from ssl_train.config import (
     BackboneConfig,
     ConfigError,
@@ -30,6 +29,7 @@ from ssl_train.config import (
     min_image_size,
     parse_override,
 )
+from ssl_train.data import uris
 from ssl_train.status import Status
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ssl_train.config import check_batch_fits
     from ssl_train.data import load_splits
-    from ssl_train.run import check_device, previous_run, train
+    from ssl_train.training.run import check_device, previous_run, train
     from tuning.tracking import RunTracker, default_tracking_uri, git_commit, labels_tag
 
     previous_run(config.output_dir, args.resume, args.overwrite)  # refused before any data loads
@@ -166,8 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if artifact is not None:
             tracker.client.log_artifact(run_id, str(artifact))
     if summary.backbone_path is not None:
-        from ssl_train.mlflow_models import log_embedding_model
-        from ssl_train.run import load_backbone
+        from ssl_train.export.mlflow_model import log_embedding_model
+        from ssl_train.training.run import load_backbone
 
         scores = {key: f"{summary.metrics[key]:.4f}" for key in ("val_knn_acc", "test_knn_acc", "val_rankme")
                   if key in summary.metrics}
@@ -191,8 +191,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from ssl_train.data import load_images
-    from ssl_train.embedding import embed_batches
-    from ssl_train.run import load_embedding_model
+    from ssl_train.export.embedding import embed_batches
+    from ssl_train.training.run import load_embedding_model
 
     if args.gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu: no CUDA device is visible here; run without --gpu to embed on the CPU")
@@ -211,8 +211,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     check_destination(args.onnx, "--onnx")
-    from ssl_train.embedding import export_onnx
-    from ssl_train.run import load_embedding_model
+    from ssl_train.export.embedding import export_onnx
+    from ssl_train.training.run import load_embedding_model
 
     model = load_embedding_model(args.model, args.tracking_uri)
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +248,8 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     check_at_least(args, {"images": 1})
     check_destination(args.out, "--out")
     config = config_from_args(args)
+    from ssl_train.augment.preview import save_preview
     from ssl_train.data import load_splits
-    from ssl_train.preview import save_preview
 
     splits = load_splits(config.data)
     path = save_preview(config, splits.preview(args.images), args.out, num_images=args.images, seed=config.seed)
@@ -548,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors that reach the user as one line, besides ConfigError, OSError and LookupError, by the module that
 # defines them: one that is not imported yet has raised none, so main() need not import it (seconds for some).
 USER_ERRORS = {
-    "search_spaces.loader": "SearchSpaceError", "ssl_train.data.sets": "DataError", "ssl_train.loop": "RunFailedError",
-    "ssl_train.run": "BackboneError", "ssl_train.uris": "LocationError", "tuning.tracking": "TrackingError",
+    "search_spaces.loader": "SearchSpaceError", "ssl_train.data.sets": "DataError",
+    "ssl_train.training.loop": "RunFailedError", "ssl_train.training.run": "BackboneError",
+    "ssl_train.data.uris": "LocationError", "tuning.tracking": "TrackingError",
     "yaml": "YAMLError", "mlflow.exceptions": "MlflowException",
 }
 

@@ -38,13 +38,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace, load_space
-from ssl_train import uris
-from ssl_train.augment import effective_ops
+from ssl_train.augment.preview import save_preview
+from ssl_train.augment.recipes import effective_ops
 from ssl_train.config import ConfigError, TrainConfig, check_at_least, load_config
-from ssl_train.data import load_splits
-from ssl_train.distributed import check_capacity, ensure_ray
-from ssl_train.preview import save_preview
+from ssl_train.data import load_splits, uris
 from ssl_train.status import Status
+from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, Margin, candidates, confirmation_grid
 from tuning.progress import CompactReporter, log_to_file
 from tuning.tracking import (
@@ -622,8 +621,9 @@ BASELINE_KEYS = ("raw_pixels", "random_init")  # the MLflow names of what baseli
 
 def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
     """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds)."""
-    from ssl_train.evaluate import evaluate_backbone, knn_protocol, pixel_knn_accuracy
-    from ssl_train.loop import build_model
+    from ssl_train.evaluation.evaluate import evaluate_backbone
+    from ssl_train.evaluation.knn import knn_protocol, pixel_knn_accuracy
+    from ssl_train.training.loop import build_model
 
     protocol = knn_protocol(base.eval, splits.eval_train.labels)
     random_init = [
@@ -715,7 +715,7 @@ def finish_sweep(
     logged = _log_backbones(client, keep, weights, winner)
     model_uri = None
     if logged:
-        from ssl_train.mlflow_models import log_embedding_model
+        from ssl_train.export.mlflow_model import log_embedding_model
 
         run_id, backbone = logged[0]
         model_uri = log_embedding_model(settings.tracking_uri, run_id, backbone, winner, settings.register, scores)
@@ -775,7 +775,7 @@ def _log_backbones(client: Any, rows: Any, checkpoints: dict[str, Checkpoint],
                    config: TrainConfig) -> list[tuple[str, Any]]:
     """``backbone.pt`` of each run in ``rows`` (columns trial, run_id) whose Tune checkpoint is at hand;
     returns (run id, backbone) of those logged."""
-    from ssl_train.run import export_backbone, load_backbone
+    from ssl_train.training.run import export_backbone, load_backbone
 
     logged = []
     for _, row in rows.iterrows():

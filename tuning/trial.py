@@ -24,9 +24,9 @@ from ray.tune import Checkpoint
 from search_spaces import SearchSpace, SearchSpaceError
 from ssl_train.config import ConfigError, TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
-from ssl_train.distributed import build_trainer, checkpoint_state
-from ssl_train.loop import WorkerContext, in_process_device, train_loop
 from ssl_train.status import Status
+from ssl_train.training.distributed import build_trainer, checkpoint_state
+from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
 from tuning.confirm import CONFIRM_KEY, LABEL_FREE_OBJECTIVES
 from tuning.progress import quiet_worker_logs
 

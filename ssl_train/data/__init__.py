@@ -13,23 +13,34 @@ Sources (``DataConfig.source``):
 - ``cifar10`` / ``stl10``: torchvision datasets under ``download_root`` (downloaded when missing).
 
 Labeled data is split with a fixed seed (``SPLIT_SEED``), stratified by class, so every run and
-every trial of a sweep measures on the same test images; with ``data.group_by`` (``ssl_train.group_by``)
+every trial of a sweep measures on the same test images; with ``data.group_by`` (``ssl_train.data.group_by``)
 by group, so that images tied together stay in one split. ``data.leak_check`` counts the val / test images
 with a near-copy among the training images (``leaks``). Unreadable images are skipped and listed
 in ``DatasetSplits.skipped``; they never stop a run.
 
 Modules: ``sets`` (the set types), ``decode`` (one image; records -> sets), ``sources`` (folders,
 Parquet, digits, torchvision), ``splits`` (the fixed splits of each source, ``load_splits``),
-``convert`` (the to-Parquet writers) and ``leaks`` (the leak check). The Ray Data row-group pieces live in
-:mod:`ssl_train.streaming`.
+``convert`` (the to-Parquet writers), ``leaks`` (the leak check), ``group_by`` (what ties images together),
+``uris`` (paths and URIs), ``streaming`` (Ray Data row groups) and ``sharding`` (global batches over workers).
+Names are imported on first use, so that :mod:`ssl_train.config` can import ``uris`` and ``group_by``.
 """
 
-from ssl_train.data.convert import digits_to_parquet, folder_to_parquet, images_to_parquet
-from ssl_train.data.decode import MAX_PIXELS, decode_image
-from ssl_train.data.sets import DataError, DatasetSplits, ImageSet
-from ssl_train.data.splits import load_images, load_splits, load_streamed_set
+from __future__ import annotations
 
-__all__ = [
-    "MAX_PIXELS", "DataError", "DatasetSplits", "ImageSet", "decode_image", "digits_to_parquet", "folder_to_parquet",
-    "images_to_parquet", "load_images", "load_splits", "load_streamed_set",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "digits_to_parquet": "convert", "folder_to_parquet": "convert", "images_to_parquet": "convert",
+    "MAX_PIXELS": "decode", "decode_image": "decode",
+    "DataError": "sets", "DatasetSplits": "sets", "ImageSet": "sets",
+    "load_images": "splits", "load_splits": "splits", "load_streamed_set": "splits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ssl_train.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ssl_train.data.{_EXPORTS[name]}"), name)

@@ -17,10 +17,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from sklearn.datasets import load_digits
 
-from ssl_train import uris
+from ssl_train.data import uris
 from ssl_train.data.decode import ImageSource, _Records
+from ssl_train.data.group_by import GroupBy, GroupByError
 from ssl_train.data.sets import DataError, ImageSet
-from ssl_train.group_by import GroupBy, GroupByError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, http.client.HTTPException)

@@ -12,6 +12,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ssl_train.config import DataConfig
 from ssl_train.data.decode import _decode_records
+from ssl_train.data.group_by import GroupBy, GroupByError, parse_group_by
 from ssl_train.data.leaks import check_leaks
 from ssl_train.data.sets import DataError, DatasetSplits, ImageSet
 from ssl_train.data.sources import (
@@ -24,7 +25,6 @@ from ssl_train.data.sources import (
     _parquet_records,
     _torchvision_dataset,
 )
-from ssl_train.group_by import GroupBy, GroupByError, parse_group_by
 
 # The split seed is a constant, not the run's seed: all trials compare on the same images.
 SPLIT_SEED = 20201
@@ -195,7 +195,7 @@ def _file_splits(config: DataConfig) -> DatasetSplits:
     path = _expand(config.path)
     skipped: list[str] = []
     notes: list[str] = []
-    if config.streaming:  # the SSL-train images reach the workers through Ray Data (ssl_train.streaming)
+    if config.streaming:  # the SSL-train images reach the workers through Ray Data (ssl_train.data.streaming)
         eval_pool, val, test, num_classes = _labeled_path_sets(config, skipped, notes)
         eval_train = _labeled_part(eval_pool, config.labeled_fraction, notes)
         return DatasetSplits(str(path), None, eval_train, val, test, num_classes, skipped, notes)

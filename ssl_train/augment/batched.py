@@ -1,6 +1,6 @@
 """Batched augmentation: a uint8 batch ``[B, 3, H, W]`` on the training device -> the method's views.
 
-The same recipes as the per-sample reference path (:mod:`ssl_train.augment`, torchvision v2 per image),
+The same recipes as the per-sample reference path (:mod:`ssl_train.augment.recipes`, torchvision v2 per image),
 with every random parameter drawn per sample at once and every op run on the whole batch, with no Python
 loop over images. The parameters are drawn with the global CPU generator (so a seed gives the same views on
 CPU and GPU, and checkpoints restore the stream); the pixels are computed on the images' device, in float32
@@ -14,7 +14,7 @@ Per op, what matches torchvision (``tests/test_augment_batched.py`` checks each 
 - colour jitter: brightness, contrast and saturation as torchvision's ``_blend`` with per-sample factors,
   hue through HSV, in a random order per sample (torchvision draws ``randperm(4)`` per image);
 - grayscale (ITU-R 601-2 luma, torchvision's weights), Gaussian blur (per-sample sigma, reflect padding,
-  separable kernel of :func:`~ssl_train.augment.blur_kernel_size`), solarisation at 128/255.
+  separable kernel of :func:`~ssl_train.augment.recipes.blur_kernel_size`), solarisation at 128/255.
 
 kornia's ``augmentation`` module was not used: its ``ColorJitter`` applies one op order to the whole batch,
 not one per sample as the recipe does, and ``bench/throughput.py`` measures this module on the step.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from ssl_train.augment import (
+from ssl_train.augment.recipes import (
     BLUR_SIGMA,
     MEAN,
     SOLARIZE_THRESHOLD,
@@ -275,7 +275,7 @@ class BatchedViews:
 
 
 def build_augmenter(config: TrainConfig) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """The views of ``config`` (:func:`~ssl_train.augment.view_recipes`) by ``augment.backend``: a uint8 batch in,
+    """The views of ``config`` (:func:`~.recipes.view_recipes`) by ``augment.backend``: a uint8 batch in,
     one view batch per recipe out."""
     recipes = view_recipes(config)
     return BatchedViews(recipes) if config.augment.backend == "batched" else PerSampleViews(recipes)

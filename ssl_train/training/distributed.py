@@ -4,7 +4,7 @@ Ray Train V2 starts the worker group, sets up the process group (gloo on CPU, NC
 GPU), restarts the group from the latest reported checkpoint when a worker dies
 (``FailureConfig(max_failures)``) and, with ``num_workers=(min, max)``, grows or shrinks
 it as nodes come and go. The loop itself keeps the optimisation independent of the worker
-count (see :mod:`ssl_train.sharding`).
+count (see :mod:`ssl_train.data.sharding`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ssl_train import uris
-from ssl_train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_train.config import TrainConfig, from_dict
-from ssl_train.loop import Reporter, RunFailedError, RunOutcome, WorkerContext, train_loop
-from ssl_train.resources import refusal, shortfall, worker_resources
+from ssl_train.data import uris
+from ssl_train.data.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
 from ssl_train.status import Status
-from ssl_train.streaming import SSL_DATASET, STREAMING_CPUS, EveryRowOnce, ssl_dataset, streamed_rows
+from ssl_train.training.checkpoint import load_checkpoint, save_checkpoint
+from ssl_train.training.loop import Reporter, RunFailedError, RunOutcome, WorkerContext, train_loop
+from ssl_train.training.resources import refusal, shortfall, worker_resources
 
 
 def scaling_config(config: TrainConfig) -> ScalingConfig:

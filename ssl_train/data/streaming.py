@@ -2,7 +2,7 @@
 
 Ray Data tasks read the parquet row groups and decode them wherever the cluster has CPUs; each
 worker receives a disjoint share of the rows (``ray.train.get_dataset_shard``) and keeps only
-that share. :class:`ssl_train.sharding.ShardedImages` then exchanges, each epoch, the images of
+that share. :class:`ssl_train.data.sharding.ShardedImages` then exchanges, each epoch, the images of
 every worker's batch slices, so the run follows the same global batches as the in-memory path.
 """
 

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_train.backbones import build_backbone
-from ssl_train.checkpoint import latest_checkpoint, load_checkpoint
 from ssl_train.config import ConfigError, TrainConfig, load_config
 from ssl_train.data import DatasetSplits
-from ssl_train.embedding import EmbeddingModel
-from ssl_train.loop import RunOutcome, WorkerContext, build_model, in_process_device, train_loop
-from ssl_train.resources import check_in_process
+from ssl_train.export.embedding import EmbeddingModel
+from ssl_train.methods.backbones import build_backbone
 from ssl_train.status import Status
+from ssl_train.training.checkpoint import latest_checkpoint, load_checkpoint
+from ssl_train.training.loop import RunOutcome, WorkerContext, build_model, in_process_device, train_loop
+from ssl_train.training.resources import check_in_process
 
 BACKBONE_FILE = "backbone.pt"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", BACKBONE_FILE)  # what a run leaves in its folder
@@ -74,7 +74,7 @@ def run_files(source: str | Path, tracking_uri: str | None = None) -> Iterator[P
     if Path(source).is_dir():
         yield Path(source)
         return
-    from ssl_train.mlflow_models import fetch_run_files  # the MLflow edge, only when it is needed
+    from ssl_train.export.mlflow_model import fetch_run_files  # the MLflow edge, only when it is needed
 
     with tempfile.TemporaryDirectory(prefix="ssl-tune-") as folder:
         yield fetch_run_files(str(source), tracking_uri, Path(folder))
@@ -118,7 +118,7 @@ def runs_in_process(config: TrainConfig, address: str | None = None) -> bool:
 
 def check_device(config: TrainConfig, address: str | None = None) -> None:
     """Refuse GPUs (``scaling.use_gpu``) for a run in this process where none are visible: it would train on
-    the CPU. A run under Ray is checked against the cluster (:func:`ssl_train.distributed.check_capacity`)."""
+    the CPU. A run under Ray is checked against the cluster (:func:`ssl_train.training.distributed.check_capacity`)."""
     if runs_in_process(config, address):
         check_in_process(config, torch.cuda.device_count())
 
@@ -162,7 +162,7 @@ def train(
             on_epoch(metrics)
 
     if not runs_in_process(config, address):
-        from ssl_train.distributed import fit
+        from ssl_train.training.distributed import fit
 
         outcome = fit(config, record, resume_from=start_from, address=address)
     else:

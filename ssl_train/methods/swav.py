@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_train.config import TrainConfig
-from ssl_train.heads import Prototypes, mlp
-from ssl_train.methods import SSLMethod
+from ssl_train.methods.base import SSLMethod
+from ssl_train.methods.heads import Prototypes, mlp
 
 NUM_GLOBAL_CROPS = 2
 

@@ -174,7 +174,7 @@ def check_images(images: torch.Tensor, where: str) -> None:
 class PerSampleViews:
     """``augment.backend: per_sample``, the reference: each image through its torchvision v2 transforms, one by one.
 
-    Called like :class:`~ssl_train.augment_batched.BatchedViews`: a uint8 batch in, one stacked view per recipe out.
+    Called like :class:`~ssl_train.augment.batched.BatchedViews`: a uint8 batch in, one stacked view per recipe out.
     """
 
     def __init__(self, recipes: Sequence[ViewRecipe]) -> None:

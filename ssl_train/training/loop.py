@@ -24,17 +24,18 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm import tqdm
 
-from ssl_train.augment import MultiViewDataset, view_recipes
-from ssl_train.augment_batched import BatchedViews
-from ssl_train.backbones import build_backbone
-from ssl_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ssl_train.augment.batched import BatchedViews
+from ssl_train.augment.recipes import MultiViewDataset, view_recipes
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits
 from ssl_train.data import DatasetSplits, load_splits, load_streamed_set
-from ssl_train.evaluate import embedding_std, evaluate_backbone
+from ssl_train.data.sharding import GlobalBatchSampler, ShardedImages, loss_weight
+from ssl_train.evaluation.evaluate import evaluate_backbone
+from ssl_train.evaluation.label_free import embedding_std
 from ssl_train.methods import SSLMethod, build_method
-from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.sharding import GlobalBatchSampler, ShardedImages, loss_weight
+from ssl_train.methods.backbones import build_backbone
 from ssl_train.status import Status
+from ssl_train.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ssl_train.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class RunFailedError(RuntimeError):
 @dataclass
 class RunOutcome:
     """How a run ended, the same type whichever way it ran: this loop, a Ray Train worker group
-    (:func:`ssl_train.distributed.fit`) or :func:`ssl_train.run.train`, which adds the run directory's files."""
+    (:func:`~.distributed.fit`) or :func:`~.run.train`, which adds the run directory's files."""
 
     status: Status
     history: list[dict[str, Any]]  # one metrics dict per epoch, each epoch once

@@ -1,7 +1,7 @@
 """What a run's workers ask for (CPUs and GPUs each) against what a Ray cluster or this machine has.
 
 One check and one message for both: ``ssl-tune tune`` and multi-worker runs compare with the Ray cluster
-(:func:`ssl_train.distributed.check_capacity`), an in-process ``ssl-tune train`` with this machine's GPUs.
+(:func:`ssl_train.training.distributed.check_capacity`), an in-process ``ssl-tune train`` with this machine's GPUs.
 No Ray import here, so the in-process path stays light.
 """
 

@@ -1,4 +1,4 @@
-"""The method contract, and the methods by name (``config.method``): the one place the train loop looks them up.
+"""The method contract: what the train loop calls on a method, once per step.
 
 A method is a small ``nn.Module`` around a backbone (BYOL: online and target networks, predictor;
 SwAV: projection head, prototypes, queue) plus pure loss and target functions in its own module.
@@ -12,8 +12,6 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
-
-from ssl_train.config import ConfigError, TrainConfig
 
 
 class SSLMethod(nn.Module, ABC):
@@ -42,16 +40,3 @@ class SSLMethod(nn.Module, ABC):
     def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
         """After a checkpoint is loaded into a group of ``world_size`` workers; returns a note for the log."""
         return None
-
-
-def build_method(backbone: nn.Module, config: TrainConfig) -> SSLMethod:
-    """``config.method`` (BYOL or SwAV) around ``backbone``, which must have a ``feature_dim`` attribute."""
-    from ssl_train.byol import BYOL  # here, not at the top: the methods import SSLMethod from this module
-    from ssl_train.swav import SwAV
-
-    methods: dict[str, type[SSLMethod]] = {"byol": BYOL, "swav": SwAV}
-    if config.method not in methods:
-        raise ConfigError(f"method={config.method!r} is not known; choose one of {sorted(methods)}")
-    if not hasattr(backbone, "feature_dim"):
-        raise TypeError(f"backbone {type(backbone).__name__} needs a 'feature_dim' attribute (its output width)")
-    return methods[config.method](backbone, config)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ssl_train.augment import MEAN, STD
+from ssl_train.augment.recipes import MEAN, STD
 
 
 class EmbeddingModel(nn.Module):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from ssl_train.augment import MEAN, STD, check_images
-from ssl_train.augment_batched import build_augmenter
+from ssl_train.augment.batched import build_augmenter
+from ssl_train.augment.recipes import MEAN, STD, check_images
 from ssl_train.config import TrainConfig
 
 PREVIEW_CELL = 128  # preview tiles are upscaled (nearest) to at least this many pixels a side

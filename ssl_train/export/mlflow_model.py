@@ -1,11 +1,11 @@
 """The MLflow edge for trained models: a backbone logged as an MLflow Model, and found again.
 
-:func:`log_embedding_model` logs :class:`~ssl_train.embedding.EmbeddingModel` with MLflow's pytorch
+:func:`log_embedding_model` logs :class:`~ssl_train.export.embedding.EmbeddingModel` with MLflow's pytorch
 flavour, a signature (uint8 images ``[N, 3, S, S]`` in, float32 embeddings ``[N, D]`` out) and an input
 example, next to the run's plain ``backbone.pt`` and ``config.yaml``; ``register=NAME`` makes it a version
 of a registered model with the alias ``best``. :func:`fetch_run_files` resolves an MLflow run id or a
 ``models:/NAME@alias`` / ``models:/NAME/VERSION`` URI to those two files, which
-:func:`ssl_train.run.load_backbone` loads with ``weights_only=True`` (the flavour's pickle is not needed).
+:func:`ssl_train.training.run.load_backbone` loads with ``weights_only=True`` (the flavour's pickle is not needed).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from ssl_train import uris
 from ssl_train.config import TrainConfig
-from ssl_train.embedding import EmbeddingModel, example_images
+from ssl_train.data import uris
+from ssl_train.export.embedding import EmbeddingModel, example_images
 
 MODEL_NAME = "model"  # the MLflow Model's name in its run
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

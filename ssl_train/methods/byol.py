@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_train.config import TrainConfig
-from ssl_train.heads import mlp
-from ssl_train.methods import SSLMethod
+from ssl_train.methods.base import SSLMethod
+from ssl_train.methods.heads import mlp
 
 
 def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:
