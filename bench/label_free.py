@@ -44,7 +44,8 @@ from ssl_train.training.distributed import checkpoint_state  # noqa: E402
 from ssl_train.training.loop import build_model, train_loop  # noqa: E402
 from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, candidates, seed_margin  # noqa: E402
 from tuning.report import load_report  # noqa: E402
-from tuning.sweep import SweepSettings, run_sweep  # noqa: E402
+from tuning.settings import SweepSettings  # noqa: E402
+from tuning.sweep import run_sweep  # noqa: E402
 
 HERE = Path(__file__).parent
 

@@ -42,9 +42,11 @@ import ray  # noqa: E402
 from bench.common import append_section, machine, markdown_table  # noqa: E402
 from ssl_train.data import images_to_parquet  # noqa: E402
 from ssl_train.data.sources import EMBEDDED_POOLS  # noqa: E402
-from tuning.cli import DEMO_SWEEP_EPOCHS  # noqa: E402
+from tuning.cli_args import DEMO_SWEEP_EPOCHS  # noqa: E402
 from tuning.confirm import Margin  # noqa: E402
-from tuning.sweep import SweepSettings, finish_sweep, run_sweep  # noqa: E402
+from tuning.finish import finish_sweep  # noqa: E402
+from tuning.settings import SweepSettings  # noqa: E402
+from tuning.sweep import run_sweep  # noqa: E402
 
 SMALL = ["data.image_size=16", "backbone.width=16", "optim.warmup_epochs=0"]
 SEARCHERS = {  # name -> (searcher, scheduler, trials as a multiple of --random-trials)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ssl_train.config import ConfigError, TrainConfig, check_batch_fits, load_config, parse_override
-from tuning.cli import parse_workers
+from tuning.cli_args import parse_workers
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

@@ -17,17 +17,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ssl_train.config import ConfigError, load_config
-from tuning.cli import (
-    DEMO_CONFIRM_TOP,
-    DEMO_DATA,
-    DEMO_SWEEP_EPOCHS,
-    DEMO_TRIALS,
-    build_parser,
-    main,
-    sweep_settings,
-)
+from tuning.cli import main, sweep_settings
+from tuning.cli_args import DEMO_CONFIRM_TOP, DEMO_DATA, DEMO_SWEEP_EPOCHS, DEMO_TRIALS, build_parser
+from tuning.finish import finish_sweep
+from tuning.interrupt import TrialsNeverStarted
 from tuning.report import load_report
-from tuning.sweep import SweepSettings, TrialsNeverStarted, default_min_epochs, finish_sweep, run_sweep
+from tuning.settings import SweepSettings, default_min_epochs
+from tuning.sweep import run_sweep
 from tuning.tracking import (
     CANDIDATE_TAG,
     DEFAULT_TAG,

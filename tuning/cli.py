@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
@@ -31,40 +30,18 @@ from ssl_train.config import (
 )
 from ssl_train.data import uris
 from ssl_train.status import Status
+from tuning.cli_args import (
+    DEMO_CONFIRM_TOP,
+    DEMO_DATA,
+    DEMO_SWEEP_EPOCHS,
+    DEMO_TRIALS,
+    build_parser,
+    parse_duration,
+    parse_workers,
+)
 
 if TYPE_CHECKING:
-    from tuning.sweep import SweepSettings
-
-# The no-argument sweep (``ssl-tune tune``), sized by bench/learning_curve.py and a timed run (README, issue 23.3):
-# on MNIST-5k at 32 px the default config passes the random-init backbone by 5 points on val after 3 of 6 epochs,
-# where digits never do; 8 trials and the best 1 confirmed with 3 seeds take about 5 minutes on 2 cores.
-DEMO_SWEEP_EPOCHS = 6  # also the trials' epochs of a sweep on any data without --config or optim.epochs
-DEMO_DATA = "mnist5k"  # without --config or data.source
-DEMO_TRIALS = 8
-DEMO_CONFIRM_TOP = 1
-
-
-def parse_workers(text: str) -> dict[str, int]:
-    """``'2'`` -> 2 fixed workers; ``'1:4'`` -> elastic between 1 and 4."""
-    try:
-        low, _, high = text.partition(":")
-        low_n, high_n = int(low), int(high or low)
-    except ValueError:
-        raise ConfigError(f"--workers {text!r} must be N or MIN:MAX, e.g. 2 or 1:4") from None
-    return {"scaling.min_workers": low_n, "scaling.max_workers": high_n}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that build a TrainConfig: a YAML file, ``--set`` overrides and scaling flags."""
-    parser.add_argument("--config", type=Path, help="YAML config (defaults: the embedded digits BYOL run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path, e.g. --set optim.lr=0.05 (repeatable)")
-    parser.add_argument("--workers", help="Ray Train workers: N, or MIN:MAX for an elastic run (default 1, in-process)")
-    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (turns on scaling.use_gpu)")
-    parser.add_argument("--max-failures", type=int, help="worker-group restarts allowed before the run fails")
-    parser.add_argument("--storage", help="checkpoint storage for Ray (a shared path or URI on multi-node clusters)")
-    parser.add_argument("--address", help="join an existing Ray cluster, e.g. auto or ray://host:10001")
-
+    from tuning.settings import SweepSettings
 
 def scaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--workers``, ``--gpus-per-worker`` and ``--max-failures`` as dotted config overrides."""
@@ -257,19 +234,6 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_duration(text: str) -> float:
-    """``'90'``/``'90s'`` -> 90.0, ``'10m'`` -> 600.0, ``'1.5h'`` -> 5400.0 seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        raise ConfigError(f"duration {text!r} must look like 90s, 10m or 1.5h") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"duration {text!r} must be a positive number of seconds, minutes or hours")
-    return seconds
-
-
 def sets_key(overrides: list[str], key: str) -> bool:
     """Whether one of the ``key=value`` overrides sets ``key``."""
     return any(parse_override(text)[0] == key for text in overrides)
@@ -304,7 +268,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     if not args.resume:  # invalid values fail here, before the imports below (a resume checks its saved ones)
         check_data_reachable(load_config(args.config, overrides))
     uris.check_ray_address(args.address)
-    from tuning.sweep import SweepSettings
+    from tuning.settings import SweepSettings
 
     default_trials = 0 if args.resume else DEMO_TRIALS if demo else SweepSettings.trials  # a resume: as it had
     confirm_top = DEMO_CONFIRM_TOP if demo else SweepSettings.confirm_top
@@ -325,7 +289,9 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     settings = sweep_settings(args)
-    from tuning.sweep import Interruption, finish_sweep, run_sweep
+    from tuning.finish import finish_sweep
+    from tuning.interrupt import Interruption
+    from tuning.sweep import run_sweep
 
     interruption = Interruption()
     search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
@@ -441,110 +407,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_process_group(command)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-tune", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="train one model with one config")
-    add_config_arguments(train)
-    train.add_argument("--output", type=Path, help="run directory (default: config output_dir)")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    train.add_argument("--overwrite", action="store_true",
-                       help="delete a previous run in the run directory first (without it, or --resume, it is refused)")
-    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
-    train.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
-    train.add_argument("--register", metavar="NAME", help="register the trained model as a version of NAME "
-                       "(alias best) in the MLflow Model Registry")
-    train.set_defaults(handler=cmd_train)
-
-    tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
-    add_config_arguments(tune)
-    tune.add_argument("--space", default="byol", help="search space: byol | swav | augment | path/to/space.yaml")
-    tune.add_argument("--trials", type=int, help=f"number of search trials (default 12; the demo: {DEMO_TRIALS}); "
-                      "with --resume NAME, "
-                      "extends a finished sweep to this many")
-    tune.add_argument("--epochs", type=int, help=f"epochs of a trial that is not pruned (sets optim.epochs; "
-                      f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
-    tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default: half the "
-                      "trials' epochs, rounded up, at least 2; bench/asha_rungs.py says why)")
-    tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
-    tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
-    tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    tune.add_argument("--objective", choices=["knn_acc", "linear_acc", "rankme"], default="knn_acc",
-                      help="what trials are ranked by, on val: kNN or linear-probe accuracy (needs labels), or "
-                      "rankme (RankMe, the effective rank of the backbone's features: needs no labels; one method)")
-    tune.add_argument("--trial-time-limit", help="stop a trial after this long, e.g. 5m")
-    tune.add_argument("--time-budget", help="end the whole sweep after this long, e.g. 10m")
-    tune.add_argument("--start-timeout", default="10m",
-                      help="fail when no trial has started after this long, e.g. 30m (0: wait forever; default 10m)")
-    tune.add_argument("--seed", type=int, default=0, help="seed of the searcher")
-    tune.add_argument("--name", help="sweep name (default: sweep-DATE-TIME)")
-    tune.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
-    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db here)")
-    tune.add_argument("--experiment", default="ssl-tune", help="MLflow experiment name")
-    tune.add_argument("--keep-best", type=int, default=3,
-                      help="with --no-confirm: log backbone weights of the best K search trials (confirmed sweeps "
-                      "log the winner's)")
-    tune.add_argument("--confirm-top", type=int, help=f"confirm the K best search configs (default 2; the demo: "
-                      f"{DEMO_CONFIRM_TOP})")
-    tune.add_argument("--confirm-seeds", type=int, default=3, help="seeds per confirmed config (default 3)")
-    tune.add_argument("--no-confirm", action="store_true",
-                      help="skip confirmation: no test score, the best search trial by val is the result")
-    tune.add_argument("--register", metavar="NAME", help="register the confirmed winner's model as a version of "
-                      "NAME (alias best, tagged with the sweep and its val/test scores)")
-    tune.add_argument("--keep-checkpoints", action="store_true",
-                      help="keep every trial's newest checkpoint (by default, when the sweep ends, only the trials "
-                      "whose backbone.pt is logged to MLflow keep theirs)")
-    tune.set_defaults(handler=cmd_tune, storage="runs/sweeps")
-
-    embed = commands.add_parser("embed", help="embeddings of a folder or Parquet file of images, as Parquet")
-    embed.add_argument("model", help="a run directory, an MLflow run id, or models:/NAME@best")
-    embed.add_argument("images", type=Path, help="an image folder (flat or class sub-folders) or Parquet")
-    embed.add_argument("--out", type=Path, default=Path("embeddings.parquet"))
-    embed.add_argument("--batch-size", type=int, default=256)
-    embed.add_argument("--gpu", action="store_true", help="embed on the GPU")
-    embed.add_argument("--tracking-uri", help="MLflow tracking URI for run ids and models:/ URIs")
-    embed.set_defaults(handler=cmd_embed)
-
-    export = commands.add_parser("export", help="export a trained model (raw pixels -> embeddings) as ONNX")
-    export.add_argument("model", help="a run directory, an MLflow run id, or models:/NAME@best")
-    export.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
-    export.add_argument("--tracking-uri", help="MLflow tracking URI for run ids and models:/ URIs")
-    export.set_defaults(handler=cmd_export)
-
-    report = commands.add_parser("report", help="top trials of a sweep, read back from MLflow")
-    report.add_argument("sweep", nargs="?", help="sweep name (default: the newest)")
-    report.add_argument("--tracking-uri")
-    report.add_argument("--experiment", default="ssl-tune")
-    report.add_argument("--top", type=int, default=10)
-    report.add_argument("--plots", type=Path, help="write the sweep's plots to this folder")
-    report.set_defaults(handler=cmd_report)
-
-    ui = commands.add_parser("ui", help="open the MLflow UI on the local store")
-    ui.add_argument("--tracking-uri")
-    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--experiment", default="ssl-tune", help="the MLflow experiment whose runs page to print")
-    ui.set_defaults(handler=cmd_ui)
-
-    data = commands.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
-    to_parquet = data.add_parser(
-        "to-parquet", help="convert an image folder to Parquet (image bytes + label), or 'digits' to a folder "
-        "of two Parquet files (unlabeled SSL-train images, labeled images)")
-    to_parquet.add_argument("src", type=Path, help="an image folder, or 'digits' (the embedded default data)")
-    to_parquet.add_argument("dst", type=Path, help="the .parquet file to write (for 'digits': a folder)")
-    to_parquet.add_argument("--image-size", type=int, default=32, help="digits only: image side in pixels")
-    to_parquet.add_argument("--overwrite", action="store_true", help="replace Parquet files that exist")
-    to_parquet.set_defaults(handler=cmd_to_parquet)
-
-    preview = commands.add_parser("augment-preview", help="write a PNG grid of images and their augmented views")
-    add_config_arguments(preview)
-    preview.add_argument("--out", type=Path, default=Path("augment-preview.png"))
-    preview.add_argument("--images", type=int, default=8)
-    preview.set_defaults(handler=cmd_augment_preview)
-    return parser
-
-
 # The errors that reach the user as one line, besides ConfigError, OSError and LookupError, by the module that
 # defines them: one that is not imported yet has raised none, so main() need not import it (seconds for some).
 USER_ERRORS = {
@@ -566,10 +428,14 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
+HANDLERS = {"train": cmd_train, "tune": cmd_tune, "embed": cmd_embed, "export": cmd_export, "report": cmd_report,
+            "ui": cmd_ui, "to_parquet": cmd_to_parquet, "augment_preview": cmd_augment_preview}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        return HANDLERS[args.handler](args)
     except Exception as error:
         if not isinstance(error, user_errors()):
             raise

@@ -1,0 +1,113 @@
+"""A sweep's settings: what ``ssl-tune tune`` flags set, where the sweep's files live, and their persistence.
+
+``<storage>/<name>/ssl_tune_sweep.json`` holds the settings a sweep started with, so that ``--resume NAME``
+needs only the name (and the storage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ssl_train.config import TrainConfig, check_at_least, load_config
+from ssl_train.data import uris
+from tuning.tracking import DEFAULT_EXPERIMENT
+
+SETTINGS_FILE = "ssl_tune_sweep.json"
+STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
+CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the sweep directory
+LOG_FILE = "sweep.log"  # Tune's status tables and Ray's INFO logs (the console gets the compact lines)
+EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
+
+
+def default_min_epochs(epochs: int) -> int:
+    """ASHA's grace period unless --min-epochs says otherwise: half the trials' epochs, rounded up, and at least 2
+    (capped at the epochs). On the demo (MNIST-5k, 6 epochs, 24 random configs, bench/asha_rungs.py) val at epoch
+    1, 2, 3 ranked configs by their final val with Spearman -0.19, 0.70, 0.80: epoch 1, in the warm-up, says nothing."""
+    return min(epochs, max(2, math.ceil(epochs / 2)))
+
+
+@dataclass
+class SweepSettings:
+    """How to search: what ``ssl-tune tune`` flags set."""
+
+    space: str = "byol"
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    trials: int = 12
+    min_epochs: int | None = None  # epochs before ASHA may stop a trial; None: half the trials' epochs
+    reduction_factor: int = 2
+    concurrency: int = 2
+    searcher: str = "tpe"
+    scheduler: str = "asha"
+    objective: str = "knn_acc"  # knn_acc | linear_acc | rankme (needs no labels)
+    collapse_threshold: float = 0.05
+    trial_time_limit_s: float | None = None
+    time_budget_s: float | None = None
+    seed: int = 0
+    name: str | None = None
+    storage: str = "runs/sweeps"
+    tracking_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    keep_best: int = 3
+    address: str | None = None
+    confirm: bool = True
+    confirm_top: int = 2
+    confirm_seeds: int = 3
+    extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
+    register: str | None = None  # register the winner's MLflow Model under this name
+    keep_checkpoints: bool = False  # keep every trial's newest checkpoint, not only the logged winners'
+    start_timeout_s: float | None = 600.0  # fail a stage none of whose trials started by then (None: wait forever)
+
+    def base_config(self) -> TrainConfig:
+        """The search trials' base: the user's config, never evaluated on test (confirmation runs turn it on)."""
+        overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides, "eval.test_at_end=false"]
+        if self.objective == "linear_acc":
+            overrides.append("eval.linear_probe=true")
+        return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
+
+
+def check_counts(settings: SweepSettings, resume: bool) -> None:
+    """The sweep's counts, before anything is saved or Ray starts (Tune and ASHA would raise only then).
+
+    ``trials`` may be 0 on a resume: no extension.
+    """
+    check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0})
+
+
+def sweep_path(settings: SweepSettings) -> Path:
+    """The sweep's own files (settings, Optuna study, best config, tables, plots): a local directory.
+
+    It is ``<storage>/<name>`` for a local ``--storage`` or a ``file://`` URI, and ``runs/sweeps/<name>``
+    here when the storage is remote (``s3://...``), where Ray keeps the Tune experiments.
+    """
+    local = uris.local_path(settings.storage, "--storage")
+    return (local if local is not None else Path("runs/sweeps").resolve()) / settings.name
+
+
+def tune_path(settings: SweepSettings, experiment: str | None = None) -> str:
+    """Where Tune keeps the sweep's search experiment, or one nested in it (``extend-1``, ``confirm-12``):
+    a local path or the storage URI, given to Ray untouched."""
+    root = f"{uris.absolute(settings.storage).rstrip('/')}/{settings.name}"
+    return root if experiment is None else f"{root}/{experiment}"
+
+
+def save_settings(settings: SweepSettings, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2))
+
+
+def load_settings(settings: SweepSettings) -> SweepSettings:
+    """The settings a sweep started with (``--resume NAME`` needs only the name and storage)."""
+    stored = sweep_path(settings) / SETTINGS_FILE
+    if not settings.name or not stored.is_file():
+        raise FileNotFoundError(f"--resume {settings.name}: no sweep settings at '{stored}'")
+    saved = SweepSettings(**json.loads(stored.read_text()))
+    saved.tracking_uri = settings.tracking_uri or saved.tracking_uri
+    saved.address = settings.address
+    saved.trials = max(saved.trials, settings.trials or 0)  # --trials N on a resume extends the search to N
+    saved.keep_checkpoints = settings.keep_checkpoints
+    saved.start_timeout_s = settings.start_timeout_s
+    return saved
