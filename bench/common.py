@@ -33,3 +33,16 @@ def append_section(section: str, results: Path = RESULTS) -> None:
     """Append a dated section to RESULTS.md (earlier sections are kept as the record)."""
     previous = results.read_text() if results.exists() else "# Benchmark results\n"
     results.write_text(previous.rstrip() + "\n\n" + section.strip() + "\n")
+
+
+def replace_section(title: str, section: str, results: Path = RESULTS) -> None:
+    """Put ``section`` in RESULTS.md in place of the one headed ``## {title}`` (up to the next ``## ``), or at the
+    end where there is none: RESULTS.md holds the current figures, git the earlier ones."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == f"## {title}"), None)
+    if start is None:
+        results.write_text(text.rstrip() + "\n\n" + section.strip() + "\n")
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    results.write_text("\n".join([*lines[:start], section.strip(), "", *lines[end:]]).rstrip() + "\n")

@@ -46,14 +46,23 @@ def write_overlapping_crops(
     A photo is ``round(photo_scale * size)`` px, so crops start at one of ``(photo - size + 1)^2`` offsets; the
     defaults (16 px crops of 24 px photos, 20 of 81 offsets) leave most crops 1-2 px from another one.
     """
+    photos = mosaic_photos(classes, groups_per_class, round(photo_scale * size), seed)
+    return write_photo_crops(root, photos, crops_per_group, size, seed)
+
+
+def write_photo_crops(root: str | Path, photos: list[list[np.ndarray]], crops_per_group: int, size: int,
+                      seed: int = 0) -> Path:
+    """Write ``crops_per_group`` distinct ``size`` px crops of each grey square photo ``photos[class][group]`` as
+    ``root/class_<k>/c<k>g<j>/c<k>g<j>_<i>.png``; returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed + 1)
-    photo_side = round(photo_scale * size)
-    offsets = (photo_side - size + 1) ** 2
-    if crops_per_group > offsets:
-        raise ValueError(f"crops_per_group={crops_per_group}: a {photo_side} px photo has {offsets} {size} px crops")
-    for k, photos in enumerate(mosaic_photos(classes, groups_per_class, photo_side, seed)):
-        for j, photo in enumerate(photos):
+    for k, group_photos in enumerate(photos):
+        for j, photo in enumerate(group_photos):
+            photo_side = photo.shape[0]
+            offsets = (photo_side - size + 1) ** 2
+            if crops_per_group > offsets:
+                raise ValueError(f"crops_per_group={crops_per_group}: a {photo_side} px photo has {offsets} "
+                                 f"{size} px crops")
             group = f"c{k}g{j}"
             folder = root / f"class_{k}" / group
             folder.mkdir(parents=True, exist_ok=True)

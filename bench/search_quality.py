@@ -42,7 +42,7 @@ import ray  # noqa: E402
 from bench.common import append_section, machine, markdown_table  # noqa: E402
 from ssl_train.data import images_to_parquet  # noqa: E402
 from ssl_train.data.sources import EMBEDDED_POOLS  # noqa: E402
-from tuning.cli_args import DEMO_SWEEP_EPOCHS  # noqa: E402
+from tuning.cli_args import DEMO_RECIPE, DEMO_SWEEP_EPOCHS  # noqa: E402
 from tuning.confirm import Margin  # noqa: E402
 from tuning.finish import finish_sweep  # noqa: E402
 from tuning.settings import SweepSettings  # noqa: E402
@@ -54,7 +54,6 @@ SEARCHERS = {  # name -> (searcher, scheduler, trials as a multiple of --random-
     "random+ASHA": ("random", "asha", 2),
     "TPE+ASHA": ("tpe", "asha", 2),
 }
-BYOL_RECIPE = ["augment.crop_scale=[0.08,1.0]", "augment.strength=1.0", "byol.tau_base=0.996"]
 RECIPE_TRIALS = 16  # augment.yaml has 10 parameters; at 8 trials TPE missed the better augmentation in 2 of 5 seeds
 
 
@@ -174,7 +173,7 @@ def recipe_case(args: argparse.Namespace, data: dict[str, list[str]], common: di
         for seed in args.seeds:
             settings = SweepSettings(
                 name=f"{dataset}-recipe-{seed}", space="augment", trials=args.recipe_trials, seed=seed,
-                overrides=[f"optim.epochs={args.recipe_epochs}", *BYOL_RECIPE, *data[dataset]], **common,
+                overrides=[f"optim.epochs={args.recipe_epochs}", *DEMO_RECIPE, *data[dataset]], **common,
             )
             search, confirmation = run_sweep(settings)
             outcome = finish_sweep(settings, search, confirmation)
@@ -187,7 +186,7 @@ def recipe_case(args: argparse.Namespace, data: dict[str, list[str]], common: di
         f"## Search quality: augmentations searched from the BYOL paper's recipe, confirmed on test ({date.today()})",
         "",
         f"Machine: 2-core dev machine, {machine()}, ray {ray.__version__}. The start: the default config with "
-        f"{', '.join(BYOL_RECIPE)}, 32x32 images, {args.recipe_epochs} epochs per full trial. TPE + ASHA (default "
+        f"{', '.join(DEMO_RECIPE)}, 32x32 images, {args.recipe_epochs} epochs per full trial. TPE + ASHA (default "
         f"grace and reduction) over `search_spaces/augment.yaml`, {args.recipe_trials} trials, {args.concurrency} "
         f"at once. Confirmation: top {args.confirm_top} + the start, {args.confirm_seeds} seeds each; margin = "
         "winner minus start on test kNN accuracy.",

@@ -145,6 +145,8 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     linear_probe: bool = False
+    # SelfAugment's rotation probe on val (evaluation/rotation.py): 4 rotations of up to 512 images per evaluation.
+    rotation_probe: bool = False
     every_epochs: int = 1
     # Evaluate the test split once, after the last epoch. Search trials set it false: they select on val
     # and must never see test; confirmation runs and `ssl-tune train` keep it.

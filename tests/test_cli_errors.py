@@ -133,6 +133,16 @@ def test_bad_tune_arguments_fail_before_anything_is_saved(tmp_path, capsys, case
     assert not storage.exists() and not db.exists()  # no settings to poison the name, no MLflow parent
 
 
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", "x" * 101, "sweep 1"])
+def test_a_sweep_name_that_is_not_a_folder_name_is_refused_before_anything_is_written(tmp_path, capsys, name):
+    storage, db = tmp_path / "sweeps", tmp_path / "mlflow.db"
+    for flag in ("--name", "--resume"):
+        assert main(["tune", flag, name, "--storage", str(storage), "--tracking-uri", f"sqlite:///{db}"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"ssl-tune: error: {flag} {name!r}: a sweep name is a folder name: letters, digits")
+    assert not storage.exists() and not db.exists() and not (tmp_path.parent / "escape").exists()
+
+
 def test_tune_epochs_below_the_default_warmup_shortens_it_and_says_so(tmp_path, capsys):
     """``--epochs 1`` is not refused for the hidden warm-up of 2 epochs: the sweep goes on to its next check
     (here an unreachable tracking server, so no sweep runs)."""

@@ -203,9 +203,13 @@ def test_evaluate_backbone_on_digit_images(digits, linear_probe):
     backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten())  # random 1024-d features
     config = EvalConfig(knn_k=20, linear_probe=linear_probe)
     metrics = evaluate_backbone(backbone, splits, config, split="test", batch_size=256)
-    expected = {"knn_acc", "rankme", "feature_std"} | ({"linear_acc"} if linear_probe else set())
+    expected = {"knn_acc", "knn_prob", "rankme", "alpha", "alpha_req", "feature_std"} | (
+        {"linear_acc"} if linear_probe else set())
+    expected |= {"knn_acc_se", "knn_prob_se"}  # the label-free scores' standard errors: only without labels
     assert set(metrics) == {f"test_{name}" for name in expected}
     assert metrics["test_knn_acc"] >= 0.9
+    assert metrics["test_knn_acc"] >= metrics["test_knn_prob"] > 0.5  # the vote's share of the truth
+    assert 0 < metrics["test_knn_prob_se"] < 0.05 and 0 < metrics["test_knn_acc_se"] < 0.05
     assert 1.0 < metrics["test_rankme"] <= len(digits["y_test"])
     assert 0.0 < metrics["test_feature_std"] < 1.5
     if linear_probe:

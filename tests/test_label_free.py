@@ -189,7 +189,7 @@ def test_an_accuracy_objective_on_unlabeled_data_is_refused_before_ray(unlabeled
     assert not (tmp_path / "sweeps").exists()
 
 
-def test_an_unlabeled_folder_sweeps_and_confirms_by_rankme_without_a_test_metric(
+def test_an_unlabeled_folder_sweeps_and_confirms_by_rankme_chosen_by_auto_without_a_test_metric(
     ray_cluster, unlabeled, tmp_path, capsys
 ):
     space = tmp_path / "space.yaml"
@@ -199,9 +199,11 @@ def test_an_unlabeled_folder_sweeps_and_confirms_by_rankme_without_a_test_metric
     command = _tune(tmp_path, space, "--name", "unlabeled", "--trials", "3", "--epochs", "2", "--scheduler", "none",
                     "--concurrency", "2", "--confirm-top", "1", "--confirm-seeds", "2", "--address",
                     ray_cluster.address, *overrides)
+    command[command.index("rankme")] = "auto"
     assert main(command) == 0
     printed = capsys.readouterr().out
     assert "no labels: no accuracy can be measured" in printed  # the data summary
+    assert "objective: val rankme (--objective auto, for data without labels)" in printed
     assert "val rankme at last epoch" in printed
     assert "confirmation by val rankme (no labels: no accuracy was measured)" in printed
     assert "no accuracy was measured: the data has no labels" in printed and "margin" not in printed
@@ -219,3 +221,23 @@ def test_an_unlabeled_folder_sweeps_and_confirms_by_rankme_without_a_test_metric
     assert "winner_val_rankme" in parent.data.metrics
     for run in [*search, *confirmed, parent]:  # no test metric, ever
         assert not [key for key in run.data.metrics if key.startswith("test_")], run.data.metrics
+
+
+@pytest.mark.parametrize("objective", ["alpha_req", "rotation"])
+def test_an_unlabeled_folder_sweeps_by_each_label_free_objective(ray_cluster, unlabeled, tmp_path, capsys, objective):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    overrides = sum((["--set", o] for o in [*TINY, "optim.batch_size=64", "data.source=folder",
+                                            f"data.path={unlabeled}"]), [])
+    command = _tune(tmp_path, space, "--name", objective, "--trials", "2", "--epochs", "1", "--scheduler", "none",
+                    "--concurrency", "2", "--no-confirm", "--address", ray_cluster.address, *overrides)
+    command[command.index("rankme")] = objective
+    assert main(command) == 0
+    assert f"val {objective} at last epoch" in capsys.readouterr().out
+    search = children(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), objective)
+    assert len(search) == 2
+    for run in search:
+        assert run.data.metrics["objective"] == run.data.metrics[f"val_{objective}"]
+        assert f"val_{objective}_se" in run.data.metrics or objective == "rotation"
+    if objective == "rotation":
+        assert all(0.0 <= run.data.metrics["val_rotation"] <= 1.0 for run in search)

@@ -164,3 +164,18 @@ def test_the_loop_passes_the_global_step_to_tau(digits8):
     assert [m["tau"] for m in result.history] == pytest.approx(expected, abs=1e-12)
     # A per-epoch schedule (k = epoch, K = epochs) would give other values: the test can tell them apart.
     assert expected != pytest.approx([tau_schedule(epoch, 3, 0.9) for epoch in range(3)], abs=1e-3)
+
+
+def test_bf16_only_where_the_cpu_flags_say_it_is_native(tmp_path):
+    """An AVX-512 Xeon without AVX512_BF16/AMX emulates bf16 (2.3x slower): it must train in float32."""
+    from ssl_train.training.loop import cpu_flags, cpu_has_native_bf16
+
+    skylake = frozenset({"sse4_2", "avx2", "avx512f", "avx512bw", "avx512_vnni"})
+    assert not cpu_has_native_bf16(skylake)
+    assert cpu_has_native_bf16(skylake | {"avx512_bf16"}) == torch.backends.mkldnn.is_available()
+    assert cpu_has_native_bf16(frozenset({"amx_bf16", "amx_tile"})) == torch.backends.mkldnn.is_available()
+    assert not cpu_has_native_bf16(frozenset())  # no flags (another OS or architecture): float32
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\nbugs\t\t: none\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()

@@ -50,9 +50,9 @@ def assert_in_space(space: SearchSpace, values: dict) -> None:
     TrainConfig().replace(values)
 
 
-def test_builtin_spaces_are_the_three_shipped_files():
+def test_builtin_spaces_are_the_four_shipped_files():
     spaces = builtin_spaces()
-    assert sorted(spaces) == ["augment", "byol", "swav"]
+    assert sorted(spaces) == ["adapt", "augment", "byol", "swav"]
     assert all(path.is_file() and path.parent.name == "search_spaces" for path in spaces.values())
 
 

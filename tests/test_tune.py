@@ -18,7 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from ssl_train.config import ConfigError, load_config
 from tuning.cli import main, sweep_settings
-from tuning.cli_args import DEMO_CONFIRM_TOP, DEMO_DATA, DEMO_SWEEP_EPOCHS, DEMO_TRIALS, build_parser
+from tuning.cli_args import (
+    DEMO_CONFIRM_TOP,
+    DEMO_DATA,
+    DEMO_RECIPE,
+    DEMO_SPACE,
+    DEMO_START,
+    DEMO_SWEEP_EPOCHS,
+    DEMO_TRIALS,
+    build_parser,
+)
 from tuning.finish import finish_sweep
 from tuning.interrupt import TrialsNeverStarted
 from tuning.report import load_report
@@ -433,6 +442,31 @@ def test_the_demo_sweeps_mnist5k_and_a_chosen_source_keeps_the_general_sizes():
     assert epochs_set.base_config().optim.epochs == 4 != DEMO_SWEEP_EPOCHS
 
 
+def test_the_demo_starts_from_byol_paper_views_and_searches_every_knob_that_recipe_sets():
+    """Issue 35: the demo adapts a published recipe; its start is that recipe, named, and the space can move each of
+    the recipe's knobs (so the first trial is the start, and the search can change any of them)."""
+    from search_spaces import load_space
+    from ssl_train.config import parse_override
+
+    demo = sweep_settings(build_parser().parse_args(["tune"]))
+    start = demo.base_config()
+    assert demo.start == DEMO_START == "BYOL paper views" and demo.space == DEMO_SPACE
+    assert (start.augment.crop_scale, start.augment.flip_p, start.augment.strength, start.byol.tau_base) == (
+        [0.08, 1.0], 0.5, 1.0, 0.996)  # BYOL (Grill et al. 2020): crop 0.08-1, flips, strength 1, tau 0.996
+    space = load_space(demo.space, start)
+    recipe_keys = {parse_override(o)[0] for o in DEMO_RECIPE}
+    assert recipe_keys <= set(space.searched_keys()), recipe_keys - set(space.searched_keys())
+    flat = start.flat()
+    for param in space.params:  # the start's own values lie inside the space
+        if param.choices is not None:
+            value = flat[param.path]
+            assert (tuple(value) if isinstance(value, list) else value) in param.choices, param.path
+        else:
+            assert param.low <= flat[param.path] <= param.high, param.path
+    assert sweep_settings(build_parser().parse_args(["tune", "--space", "byol"])).space == "byol"
+    assert sweep_settings(build_parser().parse_args(["tune", "--set", "data.source=digits"])).start == "the base config"
+
+
 def test_report_command_reads_a_sweep_back(ray_cluster, tmp_path, capsys, space_file):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = SweepSettings(
@@ -470,8 +504,13 @@ def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_c
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("search trials of quiet")) + 1:]
     assert "val knn_acc at last epoch" in table[0]  # the ranking column's header says what it is
     assert leader.split("current best: trial ")[1].split(",")[0] == table[1].split()[0]
-    assert re.match(rf"sweep folder {re.escape(str(tmp_path / 'sweeps' / 'quiet'))}: \d+\.\d MB",
-                    done.stdout.splitlines()[-1])
+    assert any(re.match(rf"sweep folder {re.escape(str(tmp_path / 'sweeps' / 'quiet'))}: \d+\.\d MB", line)
+               for line in lines)
+    # The last lines: the verdict, the winner's change to the start in words, the command to train with it.
+    *_, verdict, change, command_line = done.stdout.splitlines()
+    assert verdict.startswith("verdict: ") and change.startswith("what the winner changes in the start: ")
+    best_config = tmp_path / "sweeps" / "quiet" / "best_config.yaml"
+    assert command_line == f"train with it: ssl-tune train --config {best_config}"
 
 
 def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable_mlflow_server, tmp_path):

@@ -33,12 +33,16 @@ from ssl_train.status import Status
 from tuning.cli_args import (
     DEMO_CONFIRM_TOP,
     DEMO_DATA,
+    DEMO_RECIPE,
+    DEMO_SPACE,
+    DEMO_START,
     DEMO_SWEEP_EPOCHS,
     DEMO_TRIALS,
     build_parser,
     parse_duration,
     parse_workers,
 )
+from tuning.settings import check_sweep_name
 
 if TYPE_CHECKING:
     from tuning.settings import SweepSettings
@@ -259,8 +263,9 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
         raise ConfigError(f"--epochs {args.epochs} is invalid; it must be >= 1")
     overrides = list(args.overrides)
     demo = not (args.config or args.resume or sets_key(overrides, "data.source"))
+    check_sweep_name(args.resume or args.name, "--resume" if args.resume else "--name")  # before anything is written
     if demo:
-        overrides.insert(0, f"data.source={DEMO_DATA}")
+        overrides[:0] = [f"data.source={DEMO_DATA}", *DEMO_RECIPE]
     epochs = args.epochs or (None if args.config or sets_key(overrides, "optim.epochs") else DEMO_SWEEP_EPOCHS)
     if epochs and not args.resume:  # a resumed sweep keeps the overrides it started with
         overrides += [f"optim.epochs={epochs}", *warmup_within(args, epochs)]
@@ -274,7 +279,8 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     confirm_top = DEMO_CONFIRM_TOP if demo else SweepSettings.confirm_top
     confirm_top = confirm_top if args.confirm_top is None else args.confirm_top
     return SweepSettings(
-        space=args.space, config=str(args.config) if args.config else None, overrides=overrides,
+        space=args.space or (DEMO_SPACE if demo else SweepSettings.space), start=DEMO_START if demo else
+        SweepSettings.start, config=str(args.config) if args.config else None, overrides=overrides,
         trials=default_trials if args.trials is None else args.trials, min_epochs=args.min_epochs,
         concurrency=args.concurrency, searcher=args.searcher,
         scheduler=args.scheduler, objective=args.objective, seed=args.seed, name=args.resume or args.name,
@@ -302,20 +308,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nsearch trials of {outcome.name}, best first by val {settings.objective} at each trial's last epoch, "
           f"0 when diverged or collapsed (the split the search selected on; optimistic for the best trial):\n"
           f"{outcome.table_text}\n")
-    if outcome.confirmation_text and outcome.margin is None:  # the data has no labels
-        print(f"confirmation by val {settings.objective} (no labels: no accuracy was measured):\n"
-              f"{outcome.confirmation_text}\n")
-    elif outcome.confirmation_text:
-        print(f"confirmation on the untouched test split:\n{outcome.confirmation_text}\n")
-    else:
-        print("no confirmation (--no-confirm): no test score was measured; the config below is the best search "
-              "trial by val, whose val score is optimistic\n")
-    print(f"best config: {outcome.best_config_path}  (re-run: ssl-tune train --config {outcome.best_config_path})")
     print(f"MLflow: parent run {outcome.parent_run_id} in {settings.tracking_uri}  (browse: ssl-tune ui)")
     if outcome.model_uri:
         print(f"MLflow Model of the winner: {outcome.model_uri}  (ssl-tune embed {outcome.model_uri} IMAGES)")
     print(f"Optuna study: optuna-dashboard sqlite:///{outcome.path / 'optuna.db'}")
     print(outcome.disk_line())
+    print(f"\n'default' is the start: {settings.start}")
+    if outcome.confirmation_text and outcome.margin is None:  # the data has no labels
+        print(f"confirmation by val {settings.objective} (no labels: no accuracy was measured):\n"
+              f"{outcome.confirmation_text}")
+    elif outcome.confirmation_text:
+        print(f"confirmation on the untouched test split:\n{outcome.confirmation_text}")
+    else:
+        print("no confirmation (--no-confirm): no test score was measured; the config below is the best search "
+              "trial by val, whose val score is optimistic")
+    print(f"what the winner changes in the start: {outcome.change}")
+    print(f"train with it: ssl-tune train --config {outcome.best_config_path}")
     return 0
 
 

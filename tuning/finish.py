@@ -34,6 +34,7 @@ class SweepOutcome:
     margin: Margin | None  # None without confirmation, or without labels (no accuracy measured)
     parent_run_id: str
     model_uri: str | None  # the winner's MLflow Model (models:/NAME/VERSION when registered)
+    change: str = "nothing"  # what the winner changes in the start, in words (tuning.report.recipe_change)
     dropped_checkpoints: int = 0  # trials whose checkpoints were deleted (all but those logged to MLflow)
 
     def disk_line(self) -> str:
@@ -83,7 +84,7 @@ def finish_sweep(
     settings: SweepSettings, search: tune.ResultGrid, confirm: tune.ResultGrid | None = None
 ) -> SweepOutcome:
     """After the last trial: the winner's config YAML, tables and plots on the parent run, the winner's weights."""
-    from tuning.report import format_table, load_confirmation, load_report
+    from tuning.report import format_table, load_confirmation, load_report, recipe_change
 
     path = sweep_path(settings)
     tracker = _tracker(settings, path)
@@ -110,6 +111,7 @@ def finish_sweep(
     return SweepOutcome(
         name=settings.name, path=path, table_text=format_table(report), best_config_path=best_config_path,
         confirmation_text=winner.text, margin=winner.margin, parent_run_id=report.parent_id, model_uri=model_uri,
+        change=recipe_change(settings.base_config(), winner.config, report.space.searched_keys()),
         dropped_checkpoints=dropped,
     )
 

@@ -6,6 +6,7 @@ tracking store, including one that ran on another machine.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
@@ -37,6 +39,9 @@ from tuning.tracking import (  # noqa: E402
     TUNE_EXPERIMENT_TAG,
 )
 from tuning.trial import OBJECTIVE  # noqa: E402
+
+OBJECTIVE_SE = "objective_se"  # the search table's column: the val objective's standard error (bootstrap over groups)
+NOISE_Z = 1.96  # two scores closer than this many standard errors of their difference are within noise
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -86,6 +91,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
     name = parent.data.tags[SWEEP_TAG]
     space = load_space(parent.data.params["sweep.space"])
     children = _stage_runs(client, found.experiment_id, name, "search")
+    objective = parent.data.params.get("sweep.objective", "knn_acc")
     rows, configs = [], {}
     for run in children:
         run_id = run.info.run_id
@@ -94,6 +100,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
         rows.append({
             "trial": run.data.tags[TRIAL_TAG],
             OBJECTIVE: run.data.metrics.get(OBJECTIVE, 0.0),
+            OBJECTIVE_SE: run.data.metrics.get(f"val_{objective}_se", float("nan")),
             "val_knn_acc": run.data.metrics.get("val_knn_acc"),
             "epochs": int(run.data.metrics.get("epoch", 0)),
             "status": run.data.tags.get(STATUS_TAG, Status.RUNNING),
@@ -152,11 +159,67 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
 
 
 def format_table(report: SweepReport, top: int = 10) -> str:
-    """The ``top`` search trials in the order that ranks them, the ranking value's column named for what it is."""
-    columns = ["trial", OBJECTIVE, "epochs", "status", *report.space.searched_keys()]
-    shown = report.table[[c for c in columns if c in report.table]].head(top)
+    """The ``top`` search trials in the order that ranks them, the ranking value's column named for what it is,
+    its standard error (``±SE``), the trials within noise of the best marked ``~best``, and a line when the whole
+    search lies within the objective's noise (:func:`resolution_line`)."""
+    columns = ["trial", OBJECTIVE, OBJECTIVE_SE, "epochs", "status", *report.space.searched_keys()]
+    shown = report.table[[c for c in columns if c in report.table]].head(top).copy()
+    if OBJECTIVE_SE in shown:
+        shown.insert(1, "", np.where(within_noise_of_best(shown), "~best", ""))
     ranked_by = RANKED_BY.format(objective=report.parent_params.get("sweep.objective", "knn_acc"))
-    return shown.rename(columns={OBJECTIVE: ranked_by}).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    text = shown.rename(columns={OBJECTIVE: ranked_by, OBJECTIVE_SE: "±SE"}).to_string(
+        index=False, float_format=lambda v: f"{v:.4g}")
+    line = resolution_line(report.table)
+    return text + (f"\n{line}" if line else "")
+
+
+def within_noise_of_best(table: pd.DataFrame, z: float = NOISE_Z) -> np.ndarray:
+    """Per trial (rows best first): whether its objective lies within ``z`` standard errors of the best's
+    difference from it, ``sqrt(se_best^2 + se^2)`` (unpaired: conservative, as trials share the val images)."""
+    values, errors = table[OBJECTIVE].to_numpy(float), table[OBJECTIVE_SE].to_numpy(float)
+    if not len(values) or not np.isfinite(errors[0]):
+        return np.zeros(len(values), dtype=bool)
+    return (values[0] - values) <= z * np.sqrt(errors[0] ** 2 + np.nan_to_num(errors) ** 2)
+
+
+def resolution_line(table: pd.DataFrame) -> str | None:
+    """One line when every finished search trial lies within noise of the best: the recipes tried differ by less
+    than this val split can measure, and what would help."""
+    finished = table[table["status"] == Status.FINISHED].sort_values(OBJECTIVE, ascending=False)
+    if len(finished) < 2 or OBJECTIVE_SE not in finished or not np.isfinite(finished[OBJECTIVE_SE]).any():
+        return None
+    if not within_noise_of_best(finished).all():
+        return None
+    points = 100 * NOISE_Z * float(np.nanmedian(finished[OBJECTIVE_SE]))
+    return (f"the {len(finished)} recipes tried differ by less than this val split can measure (±{points:.1f} "
+            "points at 95 %): more val groups (data.val_fraction), a smaller space with stronger knobs, or more "
+            "epochs would tell them apart")
+
+
+SHORT_NAMES = {"crop_scale": "crop", "tau_base": "tau", "strength": "augmentation strength"}
+
+
+def recipe_change(start: TrainConfig, winner: TrainConfig, keys: list[str]) -> str:
+    """What the winner changes in the start, in words, over the searched ``keys``: ``flips off, crop 0.4-1 instead
+    of 0.08-1, lr 0.004 instead of 0.002``; ``nothing`` when they agree."""
+    before, after = start.flat(), winner.flat()
+    changes = []
+    for key in keys:
+        old, new = before.get(key), after.get(key)
+        if old == new or (isinstance(old, float) and isinstance(new, float) and math.isclose(old, new, rel_tol=1e-3)):
+            continue
+        if key == "augment.flip_p":
+            changes.append("flips off" if not new else f"flips on (p={new:g})")
+        else:
+            name = key.rpartition(".")[2]
+            changes.append(f"{SHORT_NAMES.get(name, name)} {_words(new)} instead of {_words(old)}")
+    return ", ".join(changes) or "nothing"
+
+
+def _words(value: Any) -> str:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return f"{value[0]:g}-{value[1]:g}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def load_study(report: SweepReport, tracking_uri: str) -> optuna.Study | None:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ssl_train.config import TrainConfig, check_at_least, load_config
+from ssl_train.config import ConfigError, TrainConfig, check_at_least, load_config
 from ssl_train.data import uris
-from tuning.tracking import DEFAULT_EXPERIMENT
 
+DEFAULT_EXPERIMENT = "ssl-tune"  # the MLflow experiment of sweeps and runs
 SETTINGS_FILE = "ssl_tune_sweep.json"
 STUDY_FILE = "optuna.db"  # the persisted Optuna study: optuna-dashboard sqlite:///<sweep>/optuna.db
 CONFIRM_DIR = "confirm"  # the confirmation stage's Tune experiment, inside the sweep directory
 LOG_FILE = "sweep.log"  # Tune's status tables and Ray's INFO logs (the console gets the compact lines)
+SWEEP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a folder name: no separators, no leading dot
 EXTEND_PREFIX = "extend-"  # Tune experiments that extend a finished search (--resume NAME --trials N)
 
 
@@ -34,6 +36,7 @@ class SweepSettings:
     """How to search: what ``ssl-tune tune`` flags set."""
 
     space: str = "byol"
+    start: str = "the base config"  # what the search starts from and confirmation compares with, in words
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     trials: int = 12
@@ -42,7 +45,7 @@ class SweepSettings:
     concurrency: int = 2
     searcher: str = "tpe"
     scheduler: str = "asha"
-    objective: str = "knn_acc"  # knn_acc | linear_acc | rankme (needs no labels)
+    objective: str = "auto"  # auto | knn_prob | knn_acc | linear_acc | rankme | alpha_req | rotation
     collapse_threshold: float = 0.05
     trial_time_limit_s: float | None = None
     time_budget_s: float | None = None
@@ -66,7 +69,16 @@ class SweepSettings:
         overrides = [f"eval.collapse_threshold={self.collapse_threshold}", *self.overrides, "eval.test_at_end=false"]
         if self.objective == "linear_acc":
             overrides.append("eval.linear_probe=true")
+        if self.objective == "rotation":
+            overrides.append("eval.rotation_probe=true")
         return load_config(self.config, overrides).with_absolute_paths()  # trials run in their own directories
+
+
+def check_sweep_name(name: str | None, flag: str = "--name") -> None:
+    """A sweep's name becomes a folder (``<storage>/<name>``): refuse one that would leave it (``../x``, ``a/b``)."""
+    if name is not None and not SWEEP_NAME.fullmatch(name):
+        raise ConfigError(f"{flag} {name!r}: a sweep name is a folder name: letters, digits, '.', '_' and '-', at "
+                          "most 100 characters, not starting with '.'")
 
 
 def check_counts(settings: SweepSettings, resume: bool) -> None:
@@ -74,6 +86,7 @@ def check_counts(settings: SweepSettings, resume: bool) -> None:
 
     ``trials`` may be 0 on a resume: no extension.
     """
+    check_sweep_name(settings.name, "--resume" if resume else "--name")
     check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0})
 
 

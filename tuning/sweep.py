@@ -31,6 +31,7 @@ from ssl_train.data import load_splits
 from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
 from tuning.interrupt import Interruption, StartWatchdog
+from tuning.objective import AUTO, orientation_warning, resolve_objective
 from tuning.progress import CompactReporter, log_to_file
 from tuning.search import base_values, build_scheduler, build_searcher, default_point
 from tuning.settings import (
@@ -200,7 +201,16 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     check_reachable(settings.tracking_uri)  # before any trial starts
     splits = load_splits(base.data)  # bad data fails here, once, not in every trial
     print(splits.summary())
+    if settings.objective == AUTO:
+        settings.objective = resolve_objective(AUTO, splits.labeled)
+        print(f"objective: val {settings.objective} (--objective auto, for data "
+              f"{'with' if splits.labeled else 'without'} labels)")
+        base = settings.base_config()
+        check_objective(settings.objective, space)
     check_labels(settings.objective, splits)
+    warning = orientation_warning(settings.objective, base, splits)
+    if warning:
+        print(warning)
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
         space.check_batch_fits(base, len(splits.ssl_train))
     ensure_ray(settings.address)

@@ -27,6 +27,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import LoggerCallback
 
 from ssl_train.status import Status
+from tuning.settings import DEFAULT_EXPERIMENT
 
 SWEEP_TAG = "ssl_tune.sweep"
 TRIAL_TAG = "ssl_tune.trial_id"
@@ -38,7 +39,6 @@ TUNE_EXPERIMENT_TAG = "ssl_tune.tune_experiment"  # the Tune experiment of a tri
 CANDIDATE_TAG = "ssl_tune.candidate"  # a confirmation run's config: "default" or trial_<id> of the search
 LABELS_TAG = "ssl_tune.labels"  # the classes of the data, or that it has none and no accuracy was measured
 NO_LABELS = "none: no accuracy measured (no test split, kNN or linear probe); runs scored by RankMe on val"
-DEFAULT_EXPERIMENT = "ssl-tune"
 # MLflow prints "View run ... at: URL" for every run ended on a tracking server: 2 lines a trial. The console
 # prints the runs page once; the sweep's own lines stay the only per-trial ones.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

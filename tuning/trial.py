@@ -27,7 +27,8 @@ from ssl_train.data import DatasetSplits
 from ssl_train.status import Status
 from ssl_train.training.distributed import build_trainer, checkpoint_state
 from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
-from tuning.confirm import CONFIRM_KEY, LABEL_FREE_OBJECTIVES
+from tuning.confirm import CONFIRM_KEY
+from tuning.objective import LABEL_FREE_OBJECTIVES
 from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"

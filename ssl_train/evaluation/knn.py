@@ -12,7 +12,7 @@ from ssl_train.evaluation.features import check_pair
 
 
 @torch.no_grad()
-def knn_predict(
+def knn_vote_shares(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
@@ -21,12 +21,12 @@ def knn_predict(
     temperature: float = 0.1,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar train samples vote with weight exp(sim / T).
+    """Weighted kNN (Wu et al. 2018, eq. 7): the k most cosine-similar train samples vote with weight exp(sim / T);
+    returns each test sample's vote share per class, ``[M, num_classes]``, rows summing to 1.
 
-    The weights are computed relative to each row's best similarity, which leaves the vote unchanged
-    and keeps it finite for any temperature (float32 ``exp(1 / 0.01)`` is inf).
-
-    ``k`` is clipped to the number of train samples. Returns int64 class predictions ``[M]``.
+    The weights are computed relative to each row's best similarity, which leaves the shares unchanged
+    and keeps them finite for any temperature (float32 ``exp(1 / 0.01)`` is inf). ``k`` is clipped to the number
+    of train samples.
     """
     check_pair(train_features, train_labels, "train")
     if test_features.dim() != 2 or test_features.shape[1] != train_features.shape[1]:
@@ -42,16 +42,46 @@ def knn_predict(
     k = min(k, len(train_features))
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(train.device).long()
-    predictions = []
+    shares = []
     for chunk in test_features.split(chunk_size):
         similarity = F.normalize(chunk.float().to(train.device), dim=1) @ train.T
         top_sim, top_idx = similarity.topk(k, dim=1)
         votes = torch.zeros(len(chunk), num_classes, device=train.device)
-        # exp((sim - max sim) / T): the same argmax as exp(sim / T), finite at any T > 0 (no inf votes).
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
-        votes.scatter_add_(1, labels[top_idx], weights)
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions).cpu()
+        # exp((sim - max sim) / T): the same shares as exp(sim / T), finite at any T > 0 (no inf votes).
+        votes.scatter_add_(1, labels[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())
+        shares.append(votes / votes.sum(dim=1, keepdim=True))
+    return torch.cat(shares).cpu()
+
+
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """The weighted kNN vote's class (:func:`knn_vote_shares`' argmax): int64 predictions ``[M]``."""
+    return knn_vote_shares(train_features, train_labels, test_features, num_classes, k, temperature).argmax(dim=1)
+
+
+def knn_true_class_share(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Per test sample, the share of the weighted kNN vote that its true class gets, in [0, 1] (``[M]``).
+
+    Its mean (``knn_prob``) is the probability the vote assigns to the truth, a proper score: it moves with every
+    vote, where accuracy moves only when a vote flips, so it has less sampling noise on a small val split.
+    """
+    check_pair(test_features, test_labels, "test")
+    shares = knn_vote_shares(train_features, train_labels, test_features, num_classes, k, temperature)
+    return shares.gather(1, test_labels.cpu().long()[:, None])[:, 0]
 
 
 def knn_accuracy(

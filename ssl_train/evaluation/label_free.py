@@ -42,3 +42,32 @@ def rankme_sample(count: int, limit: int = RANKME_SAMPLES) -> torch.Tensor:
     if count <= limit:
         return torch.arange(count)
     return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+
+
+def eigenspectrum(features: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of the features' covariance matrix, largest first (float64)."""
+    if features.dim() != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N >= 2, D], got {list(features.shape)}")
+    centred = features.double() - features.double().mean(dim=0)
+    singular = torch.linalg.svdvals(centred)
+    return singular**2 / (len(features) - 1)
+
+
+def alpha_exponent(features: torch.Tensor, floor: float = 1e-10) -> float:
+    """alpha-ReQ's alpha (Agrawal et al. 2022, eq. 3): the decay of the covariance eigenspectrum, lambda_k ~ k^-alpha,
+    fitted by least squares on (log k, log lambda_k) over the eigenvalues above ``floor`` times the largest.
+
+    Alpha near 1 goes with good linear readout; well below 1 the features are spread like noise, well above they
+    decay like a collapsing representation."""
+    spectrum = eigenspectrum(features)
+    kept = spectrum[spectrum > floor * spectrum[0].clamp_min(1e-300)]
+    if len(kept) < 3:
+        return float("inf")  # (near) rank one: collapsed, as steep as it gets
+    log_k = torch.arange(1, len(kept) + 1, dtype=torch.float64).log()
+    slope = torch.linalg.lstsq(torch.stack([log_k, torch.ones_like(log_k)], dim=1), kept.log()[:, None]).solution[0]
+    return float(-slope)
+
+
+def alpha_req_score(alpha: float) -> float:
+    """alpha-ReQ as a score to maximise: ``-|alpha - 1|`` (0 at the ideal decay, lower either way)."""
+    return -abs(alpha - 1.0)
