@@ -116,7 +116,13 @@ BAD_TUNE_ARGUMENTS = {  # arguments -> what the one-line message must name
     "min epochs above epochs": (["--min-epochs", "5", "--epochs", "2"], "--min-epochs 5"),
     "negative keep best": (["--keep-best", "-1", "--no-confirm"], "--keep-best -1"),
     "nan budget": (["--time-budget", "nan"], "'nan'"),
+    "budget in unknown units": (["--time-budget", "10x"], "'10x'"),
     "infinite trial limit": (["--trial-time-limit", "inf"], "'inf'"),
+    "no confirmation seeds": (["--confirm-seeds", "0"], "--confirm-seeds 0"),
+    "no confirmed configs": (["--confirm-top", "0"], "--confirm-top 0"),
+    "unknown space": (["--space", "nosuch"], "nosuch: file: not found (give a YAML file or a built-in space"),
+    "unknown sweep to resume": (["--resume", "nosuch"], "--resume nosuch: no sweep settings at"),
+    "gpus on a machine without": (["--gpus-per-worker", "1"], "scaling.gpus_per_worker=1 need 1 GPU"),
 }
 
 
@@ -263,6 +269,9 @@ HANGS = {  # arguments -> what the one line must name; each formerly blocked for
                                ["data.path", "127.0.0.1:1"]),  # pyarrow's GCS client retried, deaf to Ctrl-C
     "no cluster at train --address": (["train", "--address", "127.0.0.1:1"], ["--address", "127.0.0.1:1"]),
     "no cluster at tune --address": (["tune", "--address", "ray://127.0.0.1:1"], ["--address", "127.0.0.1:1"]),
+    "no tracking server": (["tune", "--tracking-uri", "http://127.0.0.1:1"], ["http://127.0.0.1:1 is not reachable"]),
+    "malformed space file": (["tune", "--space", "broken.yaml"], ["broken.yaml"]),
+    "storage scheme pyarrow cannot open": (["tune", "--storage", "ftp://x/y"], ["--storage='ftp://x/y'"]),
     "ui port out of range": (["ui", "--port", "99999"], ["--port 99999", "1-65535"]),  # never exited
 }
 
@@ -270,8 +279,9 @@ HANGS = {  # arguments -> what the one line must name; each formerly blocked for
 @pytest.mark.parametrize("case", list(HANGS))
 def test_what_hung_is_one_line_within_seconds(tmp_path, case):
     arguments, named = HANGS[case]
+    (tmp_path / "broken.yaml").write_text("params: [unclosed")
     assert_one_line_error(ssl_tune(*arguments, cwd=tmp_path, timeout=60), *named)
-    assert not any(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.yaml"]
 
 
 def test_ui_refuses_a_port_that_is_taken(tmp_path):

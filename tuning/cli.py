@@ -30,6 +30,7 @@ from ssl_train.config import (
 )
 from ssl_train.data import uris
 from ssl_train.status import Status
+from ssl_train.training.resources import check_in_process, local_gpu_count
 from tuning.cli_args import (
     DEMO_CONFIRM_TOP,
     DEMO_DATA,
@@ -42,7 +43,8 @@ from tuning.cli_args import (
     parse_duration,
     parse_workers,
 )
-from tuning.settings import check_sweep_name
+from tuning.server import check_reachable
+from tuning.settings import check_settings, check_sweep_name
 
 if TYPE_CHECKING:
     from tuning.settings import SweepSettings
@@ -295,6 +297,11 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     settings = sweep_settings(args)
+    _, base, _ = check_settings(settings, bool(args.resume))  # before the imports of Ray, Tune, MLflow and torch
+    uris.check(settings.storage, "--storage")
+    check_reachable(settings.tracking_uri or "")
+    if base.scaling.use_gpu and not settings.address:  # the local cluster has this machine's GPUs
+        check_in_process(base, local_gpu_count())
     from tuning.finish import finish_sweep
     from tuning.interrupt import Interruption
     from tuning.sweep import run_sweep
@@ -420,7 +427,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 USER_ERRORS = {
     "search_spaces.loader": "SearchSpaceError", "ssl_train.data.sets": "DataError",
     "ssl_train.training.loop": "RunFailedError", "ssl_train.training.run": "BackboneError",
-    "ssl_train.data.uris": "LocationError", "tuning.tracking": "TrackingError",
+    "ssl_train.data.uris": "LocationError", "tuning.server": "TrackingError",
     "yaml": "YAMLError", "mlflow.exceptions": "MlflowException",
 }
 

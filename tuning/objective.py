@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ssl_train.config import TrainConfig
+from search_spaces import SearchSpace, SearchSpaceError
+from ssl_train.config import ConfigError, TrainConfig
 
 # Objectives that need no labels: RankMe (Garrido et al. 2023, eq. 1), alpha-ReQ (Agrawal et al. 2022) and
 # SelfAugment's rotation probe (Reed et al. 2021); see ssl_train/evaluation/.
@@ -29,6 +30,29 @@ def resolve_objective(objective: str, labeled: bool) -> str:
     if objective != AUTO:
         return objective
     return AUTO_LABELED if labeled else AUTO_LABEL_FREE
+
+
+def check_objective(objective: str, space: SearchSpace) -> None:
+    """A label-free objective compares runs of one method only: a space that searches ``method`` is refused.
+
+    RankMe's scale depends on the method (its loss and head shape the feature spectrum); Garrido et al. 2023 validate
+    it only between runs of one method, so a sweep over two would rank the methods, not the recipes.
+    """
+    methods = {value for param in space.params if param.path == "method" for value in param.choices or ()}
+    if objective in LABEL_FREE_OBJECTIVES and len(methods) > 1:
+        raise SearchSpaceError(
+            f"{space.source}: method: searched over {sorted(methods)}, but --objective {objective} compares runs of "
+            f"one method only ({objective} values of different methods are not comparable); fix method in the space "
+            "(fixed: {method: byol}) and run one sweep per method, or use --objective knn_acc with labels")
+
+
+def check_labels(objective: str, splits: Any) -> None:
+    """Data with no labels can only be searched with a label-free objective."""
+    if not splits.labeled and objective not in LABEL_FREE_OBJECTIVES:
+        raise ConfigError(
+            f"--objective {objective} needs labels, but {splits.name} has none (no class sub-folders, no 'label' "
+            f"column, no data.labeled_path); use --objective {LABEL_FREE_OBJECTIVES[0]} (needs no labels) or set "
+            "data.labeled_path")
 
 
 def orientation_warning(objective: str, base: TrainConfig, splits: Any) -> str | None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from search_spaces import SearchSpace, load_space
 from ssl_train.config import ConfigError, TrainConfig, check_at_least, load_config
 from ssl_train.data import uris
 
@@ -88,6 +90,32 @@ def check_counts(settings: SweepSettings, resume: bool) -> None:
     """
     check_sweep_name(settings.name, "--resume" if resume else "--name")
     check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0})
+
+
+def check_settings(settings: SweepSettings, resume: bool) -> tuple[SweepSettings, TrainConfig, SearchSpace]:
+    """Every check of a sweep's settings that needs no data, Ray or server: counts, name, the saved settings of a
+    resumed sweep, searcher and scheduler, the space and the objective. Light imports only, so that the command line
+    answers a bad argument at once. Returns the settings (a resume's as saved, named), the base config and space."""
+    from tuning.objective import check_objective
+
+    check_counts(settings, resume)
+    if resume:
+        settings = load_settings(settings)
+    settings.name = settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    base = settings.base_config()
+    if not resume and settings.scheduler == "asha" and (settings.min_epochs or 0) > base.optim.epochs:
+        raise ConfigError(f"--min-epochs {settings.min_epochs} is more than the trials' {base.optim.epochs} epochs "
+                          "(--epochs / optim.epochs): ASHA could never stop a trial; lower --min-epochs")
+    if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
+        raise ConfigError(
+            f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
+        )
+    if settings.confirm and (settings.confirm_top < 1 or settings.confirm_seeds < 1):
+        raise ConfigError(f"--confirm-top {settings.confirm_top} / --confirm-seeds {settings.confirm_seeds}: "
+                          "both must be >= 1 (or --no-confirm)")
+    space = load_space(settings.space, base)
+    check_objective(settings.objective, space)
+    return settings, base, space
 
 
 def sweep_path(settings: SweepSettings) -> Path:

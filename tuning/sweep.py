@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,23 +23,23 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from ray import tune
 from ray.tune.experiment import Trial
 
-from search_spaces import SearchSpace, load_space
+from search_spaces import SearchSpace
 from ssl_train.augment.preview import save_preview
 from ssl_train.config import ConfigError, TrainConfig
 from ssl_train.data import load_splits
 from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
 from tuning.interrupt import Interruption, StartWatchdog
-from tuning.objective import AUTO, orientation_warning, resolve_objective
+from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.progress import CompactReporter, log_to_file
 from tuning.search import base_values, build_scheduler, build_searcher, default_point
+from tuning.server import check_reachable
 from tuning.settings import (
     CONFIRM_DIR,
     EXTEND_PREFIX,
     LOG_FILE,
     SweepSettings,
-    check_counts,
-    load_settings,
+    check_settings,
     save_settings,
     sweep_path,
     tune_path,
@@ -57,8 +56,6 @@ from tuning.trial import (
     OBJECTIVE,
     TRIAL_CHECKPOINTS,
     TRIAL_CPU_WHEN_DISTRIBUTED,
-    check_labels,
-    check_objective,
     run_trial,
     trial_config,
 )
@@ -177,26 +174,8 @@ def _short(value: Any) -> str:
 
 def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     """Check everything a sweep needs before any trial: settings, space, tracking server, data, cluster."""
-    check_counts(settings, resume)
-    if resume:
-        settings = load_settings(settings)
-    settings.name = settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    base = settings.base_config()
-    if not resume and settings.scheduler == "asha" and (settings.min_epochs or 0) > base.optim.epochs:
-        raise ConfigError(f"--min-epochs {settings.min_epochs} is more than the trials' {base.optim.epochs} epochs "
-                          "(--epochs / optim.epochs): ASHA could never stop a trial; lower --min-epochs")
-    space = load_space(settings.space, base)
-    check_objective(settings.objective, space)
-    if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
-        raise ConfigError(
-            f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
-        )
-    if settings.confirm and (settings.confirm_top < 1 or settings.confirm_seeds < 1):
-        raise ConfigError(f"--confirm-top {settings.confirm_top} / --confirm-seeds {settings.confirm_seeds}: "
-                          "both must be >= 1 (or --no-confirm)")
+    settings, base, space = check_settings(settings, resume)
     settings.tracking_uri = settings.tracking_uri or default_tracking_uri()
-
-    from tuning.tracking import check_reachable
 
     check_reachable(settings.tracking_uri)  # before any trial starts
     splits = load_splits(base.data)  # bad data fails here, once, not in every trial

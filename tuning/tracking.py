@@ -11,8 +11,6 @@ import math
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import LoggerCallback
 
 from ssl_train.status import Status
+from tuning.server import TrackingError, check_reachable
 from tuning.settings import DEFAULT_EXPERIMENT
 
 SWEEP_TAG = "ssl_tune.sweep"
@@ -46,10 +45,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 TRACKING_FAILURES = (MlflowException, requests.RequestException, OSError)
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI and what to do."""
-
-
 def default_tracking_uri(directory: str | Path = ".") -> str:
     """An sqlite store ``mlflow.db`` in ``directory``: no server needed."""
     return f"sqlite:///{(Path(directory) / 'mlflow.db').resolve()}"
@@ -64,23 +59,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, when an HTTP tracking server does not answer."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as error:
-        problem = str(getattr(error, "reason", error))
-    raise TrackingError(
-        f"MLflow tracking server {tracking_uri} is not reachable ({problem}); start it "
-        f"(`mlflow server --host 127.0.0.1 --port PORT`) or pass --tracking-uri for one that runs"
-    )
 
 
 def labels_tag(num_classes: int) -> dict[str, str]:

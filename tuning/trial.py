@@ -21,14 +21,12 @@ from typing import Any
 from ray import tune
 from ray.tune import Checkpoint
 
-from search_spaces import SearchSpace, SearchSpaceError
-from ssl_train.config import ConfigError, TrainConfig, from_dict
+from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
 from ssl_train.status import Status
 from ssl_train.training.distributed import build_trainer, checkpoint_state
 from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
 from tuning.confirm import CONFIRM_KEY
-from tuning.objective import LABEL_FREE_OBJECTIVES
 from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
@@ -55,29 +53,6 @@ def objective_value(metrics: dict[str, Any], objective: str, previous: float) ->
     if metrics.get("status") in (Status.DIVERGED, Status.COLLAPSED):
         return 0.0
     return float(metrics.get(f"val_{objective}", previous))
-
-
-def check_objective(objective: str, space: SearchSpace) -> None:
-    """A label-free objective compares runs of one method only: a space that searches ``method`` is refused.
-
-    RankMe's scale depends on the method (its loss and head shape the feature spectrum); Garrido et al. 2023 validate
-    it only between runs of one method, so a sweep over two would rank the methods, not the recipes.
-    """
-    methods = {value for param in space.params if param.path == "method" for value in param.choices or ()}
-    if objective in LABEL_FREE_OBJECTIVES and len(methods) > 1:
-        raise SearchSpaceError(
-            f"{space.source}: method: searched over {sorted(methods)}, but --objective {objective} compares runs of "
-            f"one method only ({objective} values of different methods are not comparable); fix method in the space "
-            "(fixed: {method: byol}) and run one sweep per method, or use --objective knn_acc with labels")
-
-
-def check_labels(objective: str, splits: DatasetSplits) -> None:
-    """Data with no labels can only be searched with a label-free objective."""
-    if not splits.labeled and objective not in LABEL_FREE_OBJECTIVES:
-        raise ConfigError(
-            f"--objective {objective} needs labels, but {splits.name} has none (no class sub-folders, no 'label' "
-            f"column, no data.labeled_path); use --objective {LABEL_FREE_OBJECTIVES[0]} (needs no labels) or set "
-            "data.labeled_path")
 
 
 def run_trial(

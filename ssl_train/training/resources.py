@@ -7,6 +7,9 @@ No Ray import here, so the in-process path stays light.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ssl_train.config import ConfigError, TrainConfig
 
 
@@ -50,3 +53,12 @@ def check_in_process(config: TrainConfig, gpus: int) -> None:
     found = shortfall(config, machine, machine, "this machine")
     if found is not None:
         raise refusal(*found)
+
+
+def local_gpu_count(driver: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """This machine's NVIDIA GPUs, without importing torch (seconds): those ``CUDA_VISIBLE_DEVICES`` names when it is
+    set, else the driver's entries (none where there is no NVIDIA driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip() and device.strip() != "-1"])
+    return len(list(driver.iterdir())) if driver.is_dir() else 0
