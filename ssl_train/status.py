@@ -16,4 +16,5 @@ class Status(StrEnum):
     COLLAPSED = "collapsed"  # embedding std below eval.collapse_threshold
     PRUNED = "pruned"  # stopped early by ASHA
     TIME_LIMIT = "time_limit"  # stopped at the trial time limit
+    BUDGET = "budget"  # stopped when the sweep's time budget ended
     FAILED = "failed"  # raised an error

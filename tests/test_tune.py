@@ -553,3 +553,21 @@ def test_tracking_server_outage_mid_sweep_loses_nothing(ray_cluster, restartable
         history = store.get_metric_history(run.info.run_id, "epoch")
         assert sorted(m.step for m in history) == list(range(1, 9))
         assert run.data.tags[STATUS_TAG] == "finished" and run.info.status == "FINISHED"
+
+
+def test_a_time_budget_that_ends_before_any_trial_reports_calls_no_config_best(ray_cluster, tmp_path, capsys):
+    """Issue 36.6: trials the budget stopped say so, nothing is called best, one line says what to do."""
+    overrides = sum((["--set", o] for o in [*TINY, "optim.epochs=3"]), [])
+    code = main(["tune", "--trials", "2", "--concurrency", "1", "--time-budget", "1s", "--no-confirm", "--storage",
+                 str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment",
+                 "ssl-tune-test", "--address", ray_cluster.address, "--name", "budget", *overrides])
+    printed = capsys.readouterr()
+    assert code == 2
+    (error,) = [line for line in printed.err.splitlines() if line.startswith("ssl-tune: error: ")]
+    assert "no search trial of sweep budget reported a score before the sweep ended" in error
+    assert "by the time budget of 1 s" in error and "raise --time-budget" in error
+    assert "best config" not in printed.out and not (tmp_path / "sweeps" / "budget" / "best_config.yaml").exists()
+    assert "There are no complete trials" not in printed.out + printed.err  # Optuna's warnings: sweep.log only
+    for run in children(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "budget"):
+        assert run.data.tags[STATUS_TAG] == "budget"
+        assert run.data.tags[REASON_TAG] == "stopped by the time budget of 1 s after epoch 0"

@@ -427,7 +427,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 USER_ERRORS = {
     "search_spaces.loader": "SearchSpaceError", "ssl_train.data.sets": "DataError",
     "ssl_train.training.loop": "RunFailedError", "ssl_train.training.run": "BackboneError",
-    "ssl_train.data.uris": "LocationError", "tuning.server": "TrackingError",
+    "ssl_train.data.uris": "LocationError", "tuning.server": "TrackingError", "tuning.finish": "NothingScored",
     "yaml": "YAMLError", "mlflow.exceptions": "MlflowException",
 }
 

@@ -89,9 +89,10 @@ def finish_sweep(
     path = sweep_path(settings)
     tracker = _tracker(settings, path)
     report = load_report(settings.tracking_uri, settings.name, settings.experiment)
-    if report.table.empty:
-        raise RuntimeError(f"sweep {settings.name} has no trials in MLflow")
     tracker.parent_id = report.parent_id
+    if _close_unfinished(tracker, report, settings):
+        report = load_report(settings.tracking_uri, settings.name, settings.experiment)
+    _check_scored(report.table, settings)
     loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment)
     failed_text = None
     if loaded is not None and settings.confirm and loaded[0].summary().empty:
@@ -114,6 +115,35 @@ def finish_sweep(
         change=recipe_change(settings.base_config(), winner.config, report.space.searched_keys()),
         dropped_checkpoints=dropped,
     )
+
+
+class NothingScored(RuntimeError):
+    """A sweep ended before any search trial reported a score: there is no best config."""
+
+
+def _close_unfinished(tracker: Any, report: Any, settings: SweepSettings) -> int:
+    """Close the search trials still marked running when the sweep ended (its time budget stopped them mid-epoch;
+    Tune tells no callback); returns how many."""
+    if report.table.empty:
+        return 0
+    running = report.table[report.table["status"] == Status.RUNNING]
+    for _, row in running.iterrows():
+        why = (f"stopped by the time budget of {settings.time_budget_s:.0f} s" if settings.time_budget_s else
+               "stopped when the sweep ended")
+        tracker.end_run(row["run_id"], Status.BUDGET, f"{why} after epoch {row['epochs']}")
+    return len(running)
+
+
+def _check_scored(table: pd.DataFrame, settings: SweepSettings) -> None:
+    """Refuse to call any config best when no search trial reported a score, in one line that says what to do."""
+    if not table.empty and (table["epochs"] > 0).any():
+        return
+    budget = f" by the time budget of {settings.time_budget_s:.0f} s" if settings.time_budget_s else ""
+    raise NothingScored(
+        f"no search trial of sweep {settings.name} reported a score before the sweep ended ({len(table)} trials "
+        f"started, all stopped at epoch 0{budget}), so no config can be called best; raise --time-budget, or make "
+        "the trials smaller (--epochs, data.image_size, fewer images); `ssl-tune tune --resume "
+        f"{settings.name}` continues the sweep")
 
 
 def _tracker(settings: SweepSettings, path: Path) -> Any:

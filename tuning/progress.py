@@ -24,6 +24,9 @@ from ssl_train.status import Status
 from tuning.tracking import RANKED_BY, trial_outcome
 
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
+# Libraries whose warnings tell a user of ssl-tune nothing to act on ("There are no complete trials.", "You need to
+# set up the pruning feature ..." while ssl-tune tells Optuna each trial's fate itself): the file only.
+FILE_ONLY_LOGGERS = ("optuna",)
 
 
 def last_value(trial: Trial, metric: str) -> float | None:
@@ -120,6 +123,10 @@ def log_to_file(path: Path) -> logging.Logger:
         logger = logging.getLogger(name)
         logger.handlers = [to_file, to_console]
         logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for name in FILE_ONLY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [to_file]
         logger.propagate = False
     return logging.getLogger("ssl_tune.sweep")
 

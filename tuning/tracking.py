@@ -113,8 +113,8 @@ class RunTracker:
     def end_run(self, run_id: str, status: str, reason: str) -> None:
         """Close a run; ``status`` is ssl-tune's (finished, pruned, diverged, collapsed, failed)."""
         self.client.log_batch(run_id, tags=[RunTag(STATUS_TAG, status), RunTag(REASON_TAG, reason)])
-        mlflow_status = {Status.FINISHED: "FINISHED", Status.PRUNED: "KILLED", Status.TIME_LIMIT: "KILLED"}.get(
-            status, "FAILED")
+        mlflow_status = {Status.FINISHED: "FINISHED", Status.PRUNED: "KILLED", Status.TIME_LIMIT: "KILLED",
+                         Status.BUDGET: "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(run_id, status=mlflow_status)
 
 
