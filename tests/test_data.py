@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import struct
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -389,3 +391,29 @@ def test_cifar10_offline_gives_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="CIFAR-10 is not in data.download_root") as error:
         load_splits(DataConfig(source="cifar10", download_root=str(tmp_path)))
     assert str(tmp_path) in str(error.value) and "downloads itself" in str(error.value)
+
+
+# ---------------------------------------------------------------- decoding: its rate and progress bar
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm shows its bar only there)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_summary_names_the_decode_rate_and_the_bar_shows_on_a_terminal_only(tmp_path, monkeypatch, capfd):
+    root = _write_class_folder(tmp_path / "data", per_class=10)
+    config = DataConfig(source="folder", path=str(root), image_size=16, leak_check=False)
+    monkeypatch.setattr("ssl_train.data.decode.PROGRESS_DELAY_S", 0.0)  # the bar of a long decoding, at once
+    summary = load_splits(config).summary()
+    rate = re.search(r"decoded (\d+) files in (\d+\.\d) s \((\d+) images/s\), skipped 0 unreadable", summary)
+    assert rate is not None and int(rate[1]) == 30 and int(rate[3]) > 0, summary
+    assert "decoding" not in capfd.readouterr().err  # stderr is not a terminal: no bar in logs
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    load_splits(config)
+    assert re.search(rf"decoding {re.escape(str(root))}: .*\d+/30 ", terminal.getvalue()), terminal.getvalue()
+    assert "decoded" not in load_splits(DataConfig(leak_check=False)).summary()  # arrays, not files: no rate

@@ -17,10 +17,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_sample_images
 
+from bench.leak_calibration import SCENE_SIDE, Scene, gradient_scene, moon_scene, sky_scene, strip_crops
 from bench.overlapping_crops import write_overlapping_crops
 from ssl_train.config import ConfigError, DataConfig, load_config
 from ssl_train.data import DataError, DatasetSplits, folder_to_parquet, images_to_parquet, load_splits
-from ssl_train.data.leaks import THRESHOLD, check_leaks, nearest_similarity
+from ssl_train.data.leaks import LOW_DETAIL, THRESHOLD, LeakCheck, check_leaks, nearest_similarity
 from tuning.tracking import MLflowSweepCallback
 
 CLASSES, GROUPS, CROPS, SIZE = 3, 6, 20, 16
@@ -55,7 +56,7 @@ def test_random_split_of_overlapping_crops_leaks_and_a_group_split_does_not(crop
     shuffled = load_splits(_config(crops))
     assert shuffled.leaks is not None and shuffled.leaks.rate > 0.6
     summary = shuffled.summary()
-    assert "leak check: " in summary and "WARNING" in summary and "data.group_by" in summary
+    assert "leak check: " in summary and "WARNING" in summary and "Set data.group_by" in summary
 
     grouped = load_splits(_config(crops, group_by="level:1"))
     _assert_group_split(grouped)
@@ -167,12 +168,59 @@ def test_leak_check_finds_shifted_copies_of_photo_crops_and_not_other_crops():
     shifted = torch.stack([photo[:, y + 2 : y + 34, x - 3 : x + 29] for y, x in spots])  # 2 px down, 3 px left
     other = torch.from_numpy(np.array(flower)).permute(2, 0, 1)
     others = torch.stack([other[:, y : y + 32, x : x + 32] for y, x in spots])
-    assert (nearest_similarity(shifted, crops) >= THRESHOLD).float().mean() >= 0.9
-    assert (nearest_similarity(others, crops) >= THRESHOLD).float().mean() <= 0.05
-    assert torch.allclose(nearest_similarity(crops[:5], crops), torch.ones(5))
-    check = check_leaks(shifted[:10], others[:10], crops)
-    assert check.val_checked == check.test_checked == 10 and check.val_flagged >= 9 and check.test_flagged <= 1
-    assert check.rate == (check.val_flagged + check.test_flagged) / 20
+    assert (nearest_similarity(shifted, crops)[0] >= THRESHOLD).float().mean() >= 0.9
+    assert (nearest_similarity(others, crops)[0] >= THRESHOLD).float().mean() <= 0.05
+    assert torch.allclose(nearest_similarity(crops[:5], crops)[0], torch.ones(5))
+    assert (nearest_similarity(shifted[:6], crops)[1] >= LOW_DETAIL).all()  # the top row is sky: not judged
+    check = check_leaks(shifted[24:], others[:10], crops)  # the bottom 2 rows: buildings and trees
+    assert check.val_checked == 12 and check.val_low_detail == 0 and check.val_flagged >= 11
+    assert check.test_checked + check.test_low_detail == 10 and check.test_flagged <= 1
+    assert check.rate == (check.val_flagged + check.test_flagged) / (check.val_checked + check.test_checked)
+
+
+def test_with_group_by_the_warning_explains_a_cross_group_rate_instead_of_asking_for_group_by(crops, tmp_path):
+    random = LeakCheck(val_flagged=20, val_checked=100, test_flagged=0, test_checked=0, total=100)
+    grouped = LeakCheck(val_flagged=20, val_checked=100, test_flagged=0, test_checked=0, total=100, group_by="level:1")
+    assert "Set data.group_by" in random.warning()
+    warning = grouped.warning()
+    assert "Set data.group_by" not in warning and "data.group_by='level:1'" in warning
+    assert "other groups" in warning and "do not capture" in warning and "repetitive" in warning
+    # Every source photo filed under a second group name: its near-copies cross the groups, and are caught.
+    copy = shutil.copytree(crops, tmp_path / "data")
+    for group in sorted(copy.glob("class_*/*")):
+        shutil.copytree(group, group.with_name(group.name + "twin"))
+    splits = load_splits(_config(copy, group_by="level:1"))
+    assert splits.leaks.rate > 0.2 and splits.leaks.group_by == "level:1"
+    summary = splits.summary()
+    assert "WARNING" in summary and "other groups (data.group_by='level:1')" in summary
+    assert "Set data.group_by" not in summary
+
+
+def _strips(make: Scene, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crops of 2 generated scenes in 8 strips (groups): those of strips 0-1 (val/test groups), their copies shifted
+    2 px, and those of strips 2-7 (training groups)."""
+    parts = [strip_crops(make(rng, SCENE_SIDE), rng, per_strip=6) for _ in range(2)]
+    return (torch.cat([crops[:2].flatten(0, 1) for crops, _ in parts]),
+            torch.cat([shifted[:2].flatten(0, 1) for _, shifted in parts]),
+            torch.cat([crops[2:].flatten(0, 1) for crops, _ in parts]))
+
+
+def test_low_detail_look_alikes_of_other_groups_are_set_apart_and_copies_across_groups_still_caught():
+    rng = np.random.default_rng(0)
+    (sky, _, sky_rest), (gradient, _, gradient_rest) = (_strips(make, rng) for make in (sky_scene, gradient_scene))
+    training = torch.cat([sky_rest, gradient_rest])
+    before, _ = nearest_similarity(torch.cat([sky, gradient]), training)
+    assert (before >= THRESHOLD).float().mean() > 0.3  # the threshold alone flags these distinct images
+    check = check_leaks(sky, gradient, training, group_by="level:1")
+    assert check.val_flagged == check.test_flagged == 0 and check.rate == 0.0 and check.warning() is None
+    assert check.val_low_detail == len(sky) and check.test_low_detail > 0
+    assert f"not judged: {check.val_low_detail + check.test_low_detail} image(s) too low-detail" in check.describe()
+
+    moon, copies, moon_rest = _strips(moon_scene, rng)  # smooth, but with enough detail to be judged
+    assert check_leaks(moon, moon[:0], moon_rest).val_flagged == 0
+    leaked = check_leaks(moon, moon[:0], torch.cat([moon_rest, copies]), group_by="level:1")
+    assert leaked.val_flagged >= 0.9 * leaked.val_checked >= 0.8 * len(moon)
+    assert "Set data.group_by" not in leaked.warning() and "other groups" in leaked.warning()
 
 
 def test_leak_rate_is_a_metric_of_the_sweep_parent_run(tmp_path):

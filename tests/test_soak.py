@@ -11,7 +11,9 @@ from bench.soak import LOSSES, run_soak
 def test_a_long_sweep_through_node_loss_server_restart_and_driver_kill_loses_nothing(ray_cluster, tmp_path):
     result = run_soak(tmp_path, ray_cluster, trials=50, concurrency=3)
     assert {key: result[key] for key in LOSSES} == dict.fromkeys(LOSSES, 0), result
-    assert result["tune_trials"] == result["mlflow_runs"] == result["study_trials"] == 50, result
+    # a trial the searcher asked for just before the SIGKILL, which Tune never recorded, is closed on resume
+    recorded = result["study_trials"] - result["study_orphans_closed"]
+    assert result["tune_trials"] == result["mlflow_runs"] == recorded == 50, result
     # the best searched config and the default (one, if the default won the search), 2 seeds each
     assert result["confirm_runs"] == result["confirm_tune_trials"] in (2, 4), result
     assert [what.split(" (")[0] for _, what in result["timeline"]] == [

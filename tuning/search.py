@@ -4,6 +4,8 @@ how each trial really ended, and ASHA (or none)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ from tuning.tracking import trial_outcome
 from tuning.trial import OBJECTIVE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines
+
+TRIAL_ATTR = "ray_trial_id"  # the study trial's Tune trial (and MLflow run, tag ray_trial_id)
+SEARCHER_ATTR = "ray_searcher"  # the searcher (one Tune experiment of the sweep) that asked for the study trial
+ORPHAN_REASON = "never started: the driver stopped"  # ssl_tune_reason of a study trial Tune never recorded
 
 
 def base_values(base: TrainConfig) -> dict[str, Any]:
@@ -51,17 +57,58 @@ class TruthfulOptunaSearch(OptunaSearch):
     of 0, so TPE learns to avoid them; trials that raised are FAIL. The ssl-tune status and reason
     are user attributes of the Optuna trial. Subclassing keeps Ray's ask/suggest, warm-start and
     save/restore, which a Searcher of our own would have to repeat.
+
+    A driver killed between asking the study for a trial and saving its state (every few seconds) leaves that
+    study trial RUNNING with no Tune trial behind it: ``restore`` (``--resume``) closes such trials as FAIL.
     """
 
     def __init__(self, *args: Any, time_limit_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.time_limit_s = time_limit_s
 
+    @property
+    def searcher_key(self) -> str:
+        """Marks the study trials this searcher asked for: one key per Tune experiment of the sweep, saved and
+        restored with the searcher's state."""
+        if "_searcher_key" not in self.__dict__:  # new, or restored from a state saved before it asked any trial
+            self._searcher_key = uuid.uuid4().hex
+        return self._searcher_key
+
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
-        if trial_id in self._ot_trials:  # which Tune trial (and MLflow run, tag ray_trial_id) this study trial is
-            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(SEARCHER_ATTR, self.searcher_key)
+            self._ot_trials[trial_id].set_user_attr(TRIAL_ATTR, trial_id)
         return suggestion
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore (Tune calls it on a resume), then :meth:`close_orphans`."""
+        super().restore(checkpoint_path)
+        self.close_orphans()
+
+    def close_orphans(self) -> list[int]:
+        """Tell FAIL (reason ORPHAN_REASON) every RUNNING study trial that this searcher asked for after its state
+        was last saved: its Tune trial is in no saved record, so nothing would ever end it. Those are the trials not
+        in the restored ``_ot_trials`` that carry this searcher's key, or that carry no Tune trial id (asked and
+        killed at once); other experiments' running trials are left alone. Returns their numbers."""
+        known = set(self._ot_trials)
+        closed: list[int] = []
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = trial.user_attrs
+            mine = attrs.get(SEARCHER_ATTR) == self.searcher_key or TRIAL_ATTR not in attrs
+            if not mine or attrs.get(TRIAL_ATTR) in known:
+                continue
+            with contextlib.suppress(UpdateFinishedTrialError):  # ended meanwhile: left as it is
+                orphan = optuna.Trial(self._ot_study, trial._trial_id)
+                orphan.set_user_attr("ssl_tune_status", Status.FAILED)
+                orphan.set_user_attr("ssl_tune_reason", ORPHAN_REASON)
+                self._ot_study.tell(orphan, state=TrialState.FAIL)
+                closed.append(trial.number)
+        if closed:
+            logging.getLogger("ssl_tune.sweep").info(
+                "closed Optuna trials %s as FAIL (%s): asked for after the searcher state was saved", closed,
+                ORPHAN_REASON)
+        return closed
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         with contextlib.suppress(UpdateFinishedTrialError):  # see on_trial_complete

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
-from ssl_train.data.sets import DataError, ImageSet
+from ssl_train.data.sets import DataError, Decoding, ImageSet
 
 logger = logging.getLogger("ssl_train.data")
 
@@ -27,6 +29,7 @@ logger = logging.getLogger("ssl_train.data")
 MAX_PIXELS = 16384 * 16384
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+PROGRESS_DELAY_S = 2.0  # a decoding that lasts longer shows a progress bar (on stderr, when it is a terminal)
 
 ImageSource = Union[bytes, str, Path]
 
@@ -119,17 +122,23 @@ def _decode_all(sources: Sequence[Optional[ImageSource]], image_size: int) -> It
 
 
 def _decode_records(records: _Records, image_size: int, skipped: list[str]) -> ImageSet:
-    """Decode every record; unreadable ones go to ``skipped``."""
+    """Decode every record, with a progress bar after PROGRESS_DELAY_S (on stderr, only when it is a terminal);
+    unreadable ones go to ``skipped``. The set's ``decoding`` says how long it took."""
     out = torch.empty((len(records.sources), 3, image_size, image_size), dtype=torch.uint8)
     kept: list[int] = []
     reasons: list[str] = []
-    for i, result in enumerate(_decode_all(records.sources, image_size)):
-        if isinstance(result, str):
-            skipped.append(records.names[i])
-            reasons.append(f"{records.names[i]}: {result}")
-        else:
-            out[len(kept)] = result
-            kept.append(i)
+    started = time.perf_counter()
+    with tqdm(total=len(records.sources), desc=f"decoding {records.where}", unit="img", delay=PROGRESS_DELAY_S,
+              disable=None, leave=False) as progress:
+        for i, result in enumerate(_decode_all(records.sources, image_size)):
+            progress.update()
+            if isinstance(result, str):
+                skipped.append(records.names[i])
+                reasons.append(f"{records.names[i]}: {result}")
+            else:
+                out[len(kept)] = result
+                kept.append(i)
+    decoding = Decoding(len(records.sources), time.perf_counter() - started)
     if not kept:
         raise DataError(
             f"none of the {len(records.sources)} images under '{records.where}' could be decoded "
@@ -139,4 +148,4 @@ def _decode_records(records: _Records, image_size: int, skipped: list[str]) -> I
         logger.warning("skipped %d unreadable images under '%s', e.g. %s", len(reasons), records.where, reasons[0])
     images = out[: len(kept)].clone() if len(kept) < len(out) else out
     groups = None if records.groups is None else records.groups[kept]
-    return ImageSet(images, torch.as_tensor(records.labels[kept], dtype=torch.long), groups)
+    return ImageSet(images, torch.as_tensor(records.labels[kept], dtype=torch.long), groups, decoding)

@@ -9,8 +9,12 @@ image is described by its centre window (WINDOW px, 75 % of the side); a query b
 up to SHIFT / 2 px from the centre (12.5 % of the side), so that shifted copies line up. Two stages keep it
 fast: a chunked matmul of coarse features (4 x 4 cells, windows every 2 px) picks each query's CANDIDATES
 nearest training images, and fine features (8 x 8 cells, every offset) score them. A query whose best score
-reaches THRESHOLD is a near-duplicate. The constants are calibrated in ``bench/leak_calibration.py`` (README,
-"When your images are not independent"). Pure torch.
+reaches THRESHOLD is a near-duplicate, unless it is low-detail or repetitive: flat, smooth or tiled images match
+themselves shifted by more than the check aligns (two of their own windows APART px or more apart reach LOW_DETAIL,
+a margin below THRESHOLD, as a query's best match is the highest of many), so they would match any look-alike
+(another strip of the same sky or wall) as well as a copy. Those are not judged: they are counted apart and left
+out of the rate. The constants are calibrated in ``bench/leak_calibration.py``
+(README, "When your images are not independent"). Pure torch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ SHIFT = WORK - WINDOW  # window offsets 0..SHIFT px per axis; the centre window 
 FINE, COARSE = 3, 6  # cell sizes: 8 x 8 cells (the score) and 4 x 4 cells (the candidate search)
 CANDIDATES = 32  # training images scored with every window of a query
 THRESHOLD = 0.99  # a query at or above this similarity to some training image is a near-duplicate
+APART = SHIFT // 2 + 1  # px: more than the check aligns
+LOW_DETAIL = 0.98  # a query with two own windows APART+ px apart (either axis) this similar is low-detail: not judged
 WARN_RATE = 0.05  # the data summary warns above this leak rate
 MAX_QUERIES = 2000  # more val + test images than this: a fixed random sample of them is checked
 _BLOCK = 4096  # training images per block
@@ -86,13 +92,24 @@ def _candidates(queries: torch.Tensor, reference: torch.Tensor, count: int) -> t
     return index
 
 
+def own_similarity(windows: torch.Tensor) -> torch.Tensor:
+    """Each image's highest similarity between two of its own windows ``[B, W, D]`` (every offset, 1 px apart) that
+    are APART px or more apart on either axis ``[B]``: near 1 for flat, smooth and tiled images."""
+    count = SHIFT + 1
+    offset = torch.arange(count**2)
+    y, x = offset // count, offset % count
+    far = torch.maximum((y[:, None] - y).abs(), (x[:, None] - x).abs()) >= APART
+    return (windows @ windows.transpose(1, 2)).masked_fill(~far, -2.0).flatten(1).amax(1)
+
+
 @torch.no_grad()
-def nearest_similarity(queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """For each query image, its highest similarity to a reference image, over its windows (float ``[N]``;
-    -1 when there is no reference image)."""
-    best = torch.full((len(queries),), -1.0)
+def nearest_similarity(queries: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query image, its highest similarity to a reference image over its windows (float ``[N]``; -1 when
+    there is no reference image), and its own similarity (float ``[N]``: its windows APART px or more apart; a
+    query at LOW_DETAIL or above is low-detail or repetitive, and its match says nothing)."""
+    best, own = torch.full((len(queries),), -1.0), torch.full((len(queries),), -1.0)
     if not len(queries) or not len(reference):
-        return best
+        return best, own
     raw = {cell: [] for cell in (FINE, COARSE)}
     for start in range(0, len(reference), _BLOCK):
         work = _work(reference[start : start + _BLOCK])
@@ -105,51 +122,77 @@ def nearest_similarity(queries: torch.Tensor, reference: torch.Tensor) -> torch.
         near = _candidates(_unit(_raw(work, COARSE, 2), means[COARSE]), coarse, CANDIDATES)
         windows = _unit(_raw(work, FINE, 1), means[FINE])  # [B, W, D]
         best[start : start + len(work)] = torch.einsum("bwd,bkd->bwk", windows, fine[near]).flatten(1).amax(1)
-    return best
+        own[start : start + len(work)] = own_similarity(windows)
+    return best, own
 
 
 @dataclass(frozen=True)
 class LeakCheck:
-    """How many val and test images have a near-duplicate among the training images."""
+    """How many val and test images have a near-duplicate among the training images.
+
+    ``*_checked`` counts the images judged; the low-detail or repetitive ones (``*_low_detail``) are not, and are
+    not in the rate. ``group_by`` is the split's ``data.group_by`` (None: a random split)."""
 
     val_flagged: int
     val_checked: int
     test_flagged: int
     test_checked: int
     total: int  # val + test images (more than checked when a sample was checked)
+    val_low_detail: int = 0
+    test_low_detail: int = 0
+    group_by: str | None = None
     threshold: float = THRESHOLD
 
     @property
     def rate(self) -> float:
-        """The share of checked val + test images that are near-duplicates (the metric ``leak_rate``)."""
+        """The share of judged val + test images that are near-duplicates (the metric ``leak_rate``)."""
         return (self.val_flagged + self.test_flagged) / max(self.val_checked + self.test_checked, 1)
 
     def describe(self) -> str:
-        checked = self.val_checked + self.test_checked
-        sample = f", on a sample of {checked} of {self.total}" if checked < self.total else ""
+        checked, low = self.val_checked + self.test_checked, self.val_low_detail + self.test_low_detail
+        which = "val+test" if self.test_checked + self.test_low_detail else "val"
+        sample = f", on a sample of {checked + low} of {self.total}" if checked + low < self.total else ""
+        unjudged = (f"too low-detail or repetitive to tell a copy from a look-alike (flat, smooth or tiled: each "
+                    f"matches itself shifted {APART}+ px at >= {LOW_DETAIL})")
+        if not checked:
+            return f"leak check: no {which} image could be judged{sample}: all {low} are {unjudged}"
         val, test = self.val_flagged / max(self.val_checked, 1), self.test_flagged / max(self.test_checked, 1)
-        which, parts = ("val+test", f"val {val:.1%}, test {test:.1%}; ") if self.test_checked else ("val", "")
-        return (f"leak check: {self.rate:.1%} of {which} images have a near-duplicate in the training images "
-                f"({parts}pixel similarity >= {self.threshold}{sample})")
+        parts = f"val {val:.1%}, test {test:.1%}; " if self.test_checked else ""
+        text = (f"leak check: {self.rate:.1%} of the {checked} judged {which} images have a near-duplicate in the "
+                f"training images ({parts}pixel similarity >= {self.threshold}{sample})")
+        return f"{text}; not judged: {low} image(s) {unjudged}" if low else text
 
     def warning(self) -> str | None:
         """One line when the rate is above WARN_RATE, else None."""
         if self.rate <= WARN_RATE:
             return None
+        if self.group_by is not None:
+            return (f"WARNING: {self.rate:.0%} of val/test images are near-copies of training images of other groups "
+                    f"(data.group_by={self.group_by!r}). Either the groups do not capture what ties the images (one "
+                    "photo, video or patient under several groups: use a coarser data.group_by) or the images look "
+                    "alike without being copies (plain, smooth or repetitive images the check could not set apart); "
+                    "look at some of them before trusting val/test scores (README: 'When your images are not "
+                    "independent')")
         return (f"WARNING: {self.rate:.0%} of val/test images are near-copies of training images, so val/test "
                 "scores reward memorising them (a random split of images that are not independent: crops of one "
                 "photo, frames of one video, one patient's scans). Set data.group_by so that each source stays "
                 "in one split (README: 'When your images are not independent')")
 
 
-def check_leaks(val: torch.Tensor, test: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> LeakCheck:
+def check_leaks(
+    val: torch.Tensor, test: torch.Tensor, reference: torch.Tensor, seed: int = 0, group_by: str | None = None
+) -> LeakCheck:
     """The near-duplicates of ``val`` and ``test`` images (uint8 ``[N, 3, S, S]``) in ``reference``; above
-    MAX_QUERIES val + test images, a fixed random sample of each, in proportion to their sizes."""
+    MAX_QUERIES val + test images, a fixed random sample of each, in proportion to their sizes. Low-detail or
+    repetitive images are counted apart. ``group_by``: the ``data.group_by`` that made the split, if any."""
     total = len(val) + len(test)
     generator = torch.Generator().manual_seed(seed)
-    counts: list[int] = []
-    for images in (val, test):
+    counts: dict[str, int] = {}
+    for name, images in (("val", val), ("test", test)):
         keep = len(images) if total <= MAX_QUERIES else round(MAX_QUERIES * len(images) / total)
         sample = images[torch.randperm(len(images), generator=generator)[:keep]] if keep < len(images) else images
-        counts += [int((nearest_similarity(sample, reference) >= THRESHOLD).sum()), keep]
-    return LeakCheck(*counts, total=total)
+        best, own = nearest_similarity(sample, reference)
+        low = own >= LOW_DETAIL
+        counts |= {f"{name}_flagged": int(((best >= THRESHOLD) & ~low).sum()), f"{name}_checked": keep - int(low.sum()),
+                   f"{name}_low_detail": int(low.sum())}
+    return LeakCheck(**counts, total=total, group_by=group_by)

@@ -15,6 +15,19 @@ class DataError(ValueError):
     """Data cannot be loaded; the message names the file/path/column and the fix."""
 
 
+@dataclass(frozen=True, eq=False)
+class Decoding:
+    """One decoding of image files: how many were read (the unreadable ones too) and how long it took."""
+
+    files: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Files decoded per second."""
+        return self.files / max(self.seconds, 1e-9)
+
+
 @dataclass
 class ImageSet:
     """Decoded images, their labels and (with ``data.group_by``) their groups."""
@@ -22,6 +35,7 @@ class ImageSet:
     images: torch.Tensor  # uint8 [N, 3, S, S], RGB
     labels: torch.Tensor  # int64 [N]; -1 = unlabeled
     groups: Optional[np.ndarray] = None  # str [N]: what ties images together; None = each image its own group
+    decoding: Optional[Decoding] = None  # the decoding the images come from (shared by its parts); None: arrays
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -30,7 +44,7 @@ class ImageSet:
         """The images at ``index`` (a copy)."""
         rows = torch.as_tensor(index, dtype=torch.long)
         groups = None if self.groups is None else self.groups[np.asarray(index, dtype=np.int64)]
-        return ImageSet(self.images[rows], self.labels[rows], groups)
+        return ImageSet(self.images[rows], self.labels[rows], groups, self.decoding)
 
     def group_count(self) -> int:
         """How many groups the images come from (each image is one when there are no groups)."""
@@ -79,7 +93,13 @@ class DatasetSplits:
         else:
             sets = (f"{len(self.val)} val images ({size}x{size}), no labels: no accuracy can be measured (no kNN, "
                     "linear probe or test split); runs are scored by RankMe on the val images (--objective rankme)")
-        text = f"{self.name}: {ssl}, {sets}; skipped {len(self.skipped)} unreadable"
+        decodings = {part.decoding for part in (self.ssl_train, self.eval_train, self.val, self.test)
+                     if part is not None and part.decoding is not None}  # one per decoding: parts share theirs
+        decoded = ""
+        if decodings:
+            total = Decoding(sum(d.files for d in decodings), sum(d.seconds for d in decodings))
+            decoded = f"decoded {total.files} files in {total.seconds:.1f} s ({total.rate:.0f} images/s), "
+        text = f"{self.name}: {ssl}, {sets}; {decoded}skipped {len(self.skipped)} unreadable"
         if self.skipped:
             more = len(self.skipped) - 3
             text += ": " + ", ".join(self.skipped[:3]) + (f" (+{more} more)" if more > 0 else "")

@@ -284,5 +284,5 @@ def load_splits(config: DataConfig) -> DatasetSplits:
         training = [splits.ssl_train] + ([splits.eval_train] if apart else [])
         reference = torch.cat([part.images for part in training])
         test = splits.test.images if splits.test is not None else splits.val.images[:0]
-        splits.leaks = check_leaks(splits.val.images, test, reference)
+        splits.leaks = check_leaks(splits.val.images, test, reference, group_by=config.group_by)
     return splits

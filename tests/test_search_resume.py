@@ -1,0 +1,72 @@
+"""A resumed sweep closes the Optuna trials its killed driver asked for but Tune never recorded (tuning/search.py).
+
+The searcher is the one a sweep builds (``build_searcher``) on a real sqlite study, pickled as ``Tuner`` pickles
+it; its state goes through Ray's own ``save_to_dir`` / ``restore_from_dir``, which ``Tuner.restore`` calls on
+``--resume``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from search_spaces import load_space
+from ssl_train.status import Status
+from tuning.search import ORPHAN_REASON, SEARCHER_ATTR, TRIAL_ATTR, TruthfulOptunaSearch, build_searcher
+from tuning.settings import STUDY_FILE, SweepSettings
+from tuning.trial import OBJECTIVE
+
+SETTINGS = SweepSettings(name="resume", trials=6, concurrency=2)
+
+
+def _searcher(path: Path, enqueue_default: bool = True) -> TruthfulOptunaSearch:
+    base = SETTINGS.base_config()
+    return build_searcher(load_space(SETTINGS.space, base), SETTINGS, base, path, enqueue_default)
+
+
+def _study(path: Path) -> dict[str, optuna.trial.FrozenTrial]:
+    """The study's trials by Tune trial id ('' for one that has none)."""
+    study = optuna.load_study(study_name=SETTINGS.name, storage=f"sqlite:///{path / STUDY_FILE}")
+    return {trial.user_attrs.get(TRIAL_ATTR, ""): trial for trial in study.trials}
+
+
+def test_resume_fails_the_study_trials_tune_never_recorded_and_leaves_the_others(tmp_path):
+    state = tmp_path / "experiment"
+    state.mkdir()
+    searcher = _searcher(tmp_path)
+    pickled = pickle.dumps(searcher)  # as Tuner pickles its searcher (tuner.pkl) before the sweep starts
+    for trial_id in ("finished", "running"):
+        assert searcher.suggest(trial_id)
+    searcher.on_trial_complete("finished", {OBJECTIVE: 0.5, "training_iteration": 3, "epoch": 3,
+                                            "status": Status.FINISHED})
+    searcher.save_to_dir(str(state), "2026-01-01_00-00-00")  # Tune's periodic save of the searcher state
+    assert searcher.suggest("asked-after-save")  # then the driver is SIGKILLed: Tune never records this trial
+    searcher._ot_study.ask()  # killed between study.ask and the user attributes: no Tune trial id at all
+    extension = _searcher(tmp_path, enqueue_default=False)  # another Tune experiment of the sweep (extend-1)
+    assert extension.suggest("extension-running")
+    before = _study(tmp_path)
+    assert [before[key].state for key in ("asked-after-save", "", "extension-running", "running")] == \
+        [TrialState.RUNNING] * 4
+
+    resumed = pickle.loads(pickled)  # what Tuner.restore unpickles, then restores from the saved state
+    resumed.restore_from_dir(str(state))
+
+    after = _study(tmp_path)
+    assert len(after) == len(before) == 5
+    for orphan in ("asked-after-save", ""):
+        assert after[orphan].state == TrialState.FAIL, orphan
+        assert after[orphan].user_attrs["ssl_tune_reason"] == ORPHAN_REASON
+        assert after[orphan].user_attrs["ssl_tune_status"] == Status.FAILED
+    assert after["finished"].state == TrialState.COMPLETE and after["finished"].value == 0.5
+    assert after["finished"].user_attrs == before["finished"].user_attrs
+    assert after["running"].state == TrialState.RUNNING and "ssl_tune_reason" not in after["running"].user_attrs
+    assert after["extension-running"].state == TrialState.RUNNING  # not this experiment's: left alone
+    assert after["running"].user_attrs[SEARCHER_ATTR] == resumed.searcher_key != extension.searcher_key
+    # The restored searcher still ends its recorded trial, and a second restore closes nothing more.
+    resumed.on_trial_complete("running", {OBJECTIVE: 0.25, "training_iteration": 1, "epoch": 1,
+                                          "status": Status.RUNNING})
+    assert _study(tmp_path)["running"].state == TrialState.PRUNED
+    assert resumed.close_orphans() == []
