@@ -273,7 +273,7 @@ def report(results: dict, curves: dict, facts: dict, args: argparse.Namespace, s
 def demo_cost() -> dict[str, float]:
     """What evaluation costs at the demo's size (MNIST-5k, 32 px, the default backbone) against one epoch."""
     base = load_config(overrides=["data.source=mnist5k", "data.leak_check=false", "optim.epochs=1",
-                                  "eval.test_at_end=false"])
+                                  "optim.warmup_epochs=0", "eval.test_at_end=false"])
     splits = load_splits(base.data)
     trainer = Trainer(base, lambda _metrics, _checkpoint: None, WorkerContext(), splits=splits)
     started = time.perf_counter()
@@ -290,6 +290,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     args = parser.parse_args()
     started = time.perf_counter()
+    cost = demo_cost()
     results, curves, facts = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="objective-rank-") as root:
         for data in build_sets(Path(root)):
@@ -297,7 +298,6 @@ def main() -> None:
             results[data.name] = table
             curves[data.name] = size_curve(per_images, splits, table["new_knn_acc"].to_numpy())
             table.to_csv(Path(__file__).parent / f"objective_rank_{data.name}.csv", index=False)
-    cost = demo_cost()
     text = report(results, curves, facts, args, time.perf_counter() - started)
     text += (f"\nCost at the demo's size (MNIST-5k, 32 px): one epoch {cost['epoch s']:.1f} s, one evaluation "
              f"(kNN accuracy and vote share with bootstrap standard errors, RankMe, alpha-ReQ) "
