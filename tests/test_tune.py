@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ssl_train.config import ConfigError, load_config
 from tuning.cli import main, sweep_settings
 from tuning.cli_args import (
+    DEMO_CONFIRM_SEEDS,
     DEMO_CONFIRM_TOP,
     DEMO_DATA,
     DEMO_RECIPE,
@@ -433,9 +434,10 @@ def test_the_demo_sweeps_mnist5k_and_a_chosen_source_keeps_the_general_sizes():
     the best 1 confirmed); naming the data, or the sizes, takes them from the user."""
     demo = sweep_settings(build_parser().parse_args(["tune"]))
     assert (demo.base_config().data.source, demo.base_config().optim.epochs) == (DEMO_DATA, DEMO_SWEEP_EPOCHS)
-    assert (demo.trials, demo.confirm_top) == (DEMO_TRIALS, DEMO_CONFIRM_TOP) != (12, 2)
+    assert (demo.trials, demo.confirm_top, demo.confirm_seeds) == (DEMO_TRIALS, DEMO_CONFIRM_TOP, DEMO_CONFIRM_SEEDS)
+    assert (demo.trials, demo.confirm_top, demo.confirm_seeds) != (12, 2, 3)
     own = sweep_settings(build_parser().parse_args(["tune", "--set", "data.source=digits"]))
-    assert own.base_config().data.source == "digits" and (own.trials, own.confirm_top) == (12, 2)
+    assert own.base_config().data.source == "digits" and (own.trials, own.confirm_top, own.confirm_seeds) == (12, 2, 3)
     sized = sweep_settings(build_parser().parse_args(["tune", "--trials", "3", "--confirm-top", "2"]))
     assert sized.base_config().data.source == DEMO_DATA and (sized.trials, sized.confirm_top) == (3, 2)
     epochs_set = sweep_settings(build_parser().parse_args(["tune", "--set", "optim.epochs=4"]))
@@ -453,6 +455,9 @@ def test_the_demo_starts_from_byol_paper_views_and_searches_every_knob_that_reci
     assert demo.start == DEMO_START == "BYOL paper views" and demo.space == DEMO_SPACE
     assert (start.augment.crop_scale, start.augment.flip_p, start.augment.strength, start.byol.tau_base) == (
         [0.08, 1.0], 0.5, 1.0, 0.996)  # BYOL (Grill et al. 2020): crop 0.08-1, flips, strength 1, tau 0.996
+    assert (start.data.image_size, start.backbone.width) == (24, 16)  # the demo's scale, unless the user sets it
+    assert sweep_settings(build_parser().parse_args(["tune", "--set", "data.image_size=32"])).base_config(
+    ).data.image_size == 32
     space = load_space(demo.space, start)
     recipe_keys = {parse_override(o)[0] for o in DEMO_RECIPE}
     assert recipe_keys <= set(space.searched_keys()), recipe_keys - set(space.searched_keys())
@@ -495,6 +500,9 @@ def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_c
     assert len(lines) <= 60, "\n".join(lines)
     assert sum("trial " in line and " epochs  val knn_acc at last epoch " in line for line in lines) == 4 + 4
     assert not [line for line in lines if "Checkpoint successfully created" in line or "╭" in line]
+    # Ray's and MLflow's start-up notices go to sweep.log, not the console (issue 35.4)
+    notices = ("Connecting to existing Ray cluster", "Token authentication is enabled", "Creating initial MLflow")
+    assert not [line for line in lines if any(notice in line for notice in notices)], "\n".join(lines)
     log = tmp_path / "sweeps" / "quiet" / "sweep.log"
     assert f"full log: {log}" in done.stdout and log.stat().st_size > 0
     # One story: the search's last summary names as current best the trial that heads the table, by one value.

@@ -32,9 +32,11 @@ from ssl_train.data import uris
 from ssl_train.status import Status
 from ssl_train.training.resources import check_in_process, local_gpu_count
 from tuning.cli_args import (
+    DEMO_CONFIRM_SEEDS,
     DEMO_CONFIRM_TOP,
     DEMO_DATA,
     DEMO_RECIPE,
+    DEMO_SCALE,
     DEMO_SPACE,
     DEMO_START,
     DEMO_SWEEP_EPOCHS,
@@ -267,7 +269,8 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     demo = not (args.config or args.resume or sets_key(overrides, "data.source"))
     check_sweep_name(args.resume or args.name, "--resume" if args.resume else "--name")  # before anything is written
     if demo:
-        overrides[:0] = [f"data.source={DEMO_DATA}", *DEMO_RECIPE]
+        scale = [o for o in DEMO_SCALE if not sets_key(overrides, o.partition("=")[0])]
+        overrides[:0] = [f"data.source={DEMO_DATA}", *scale, *DEMO_RECIPE]
     epochs = args.epochs or (None if args.config or sets_key(overrides, "optim.epochs") else DEMO_SWEEP_EPOCHS)
     if epochs and not args.resume:  # a resumed sweep keeps the overrides it started with
         overrides += [f"optim.epochs={epochs}", *warmup_within(args, epochs)]
@@ -289,7 +292,9 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
         storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
-        confirm=not args.no_confirm, confirm_top=confirm_top, confirm_seeds=args.confirm_seeds,
+        confirm=not args.no_confirm, confirm_top=confirm_top, confirm_seeds=(
+            DEMO_CONFIRM_SEEDS if demo else SweepSettings.confirm_seeds) if args.confirm_seeds is None else
+        args.confirm_seeds,
         register=args.register, keep_checkpoints=args.keep_checkpoints,
         start_timeout_s=parse_duration(args.start_timeout) if args.start_timeout not in ("0", "0s") else None,
     )

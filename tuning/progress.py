@@ -24,9 +24,11 @@ from ssl_train.status import Status
 from tuning.tracking import RANKED_BY, trial_outcome
 
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
-# Libraries whose warnings tell a user of ssl-tune nothing to act on ("There are no complete trials.", "You need to
-# set up the pruning feature ..." while ssl-tune tells Optuna each trial's fate itself): the file only.
-FILE_ONLY_LOGGERS = ("optuna",)
+# Loggers whose lines tell a user of ssl-tune nothing to act on, warnings included: Optuna's ("There are no complete
+# trials.", "You need to set up the pruning feature ..." while ssl-tune tells Optuna each trial's fate itself), Ray's
+# start-up notices ("Started a local Ray instance", that token authentication is on: it stays on) and MLflow's store
+# set-up ("Creating initial MLflow database tables"): the file only.
+FILE_ONLY_LOGGERS = ("optuna", "ray._private.worker", "ray._private.authentication", "mlflow.store.db", "alembic")
 
 
 def last_value(trial: Trial, metric: str) -> float | None:

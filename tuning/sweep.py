@@ -192,6 +192,9 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
         print(warning)
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
         space.check_batch_fits(base, len(splits.ssl_train))
+    path = sweep_path(settings)
+    log_to_file(path / LOG_FILE)  # before Ray starts: its start-up notices go to the file
+    print(f"full log: {path / LOG_FILE}")
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
@@ -200,9 +203,6 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     # checkpoint); small files, but Tune warns about it on every epoch. Not a problem here: no warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic engine, which uses our CompactReporter
-    path = sweep_path(settings)
-    log_to_file(path / LOG_FILE)
-    print(f"full log: {path / LOG_FILE}")
     return _Stage(settings, base, space, splits, path)
 
 
