@@ -108,7 +108,7 @@ def test_an_unlabeled_folder_or_parquet_holds_out_a_val_sample_and_no_test(unlab
     assert not splits.labeled and splits.num_classes == 0 and splits.eval_train is None and splits.test is None
     assert len(splits.val) == 40 and len(splits.ssl_train) == 160  # data.val_fraction=0.2 of the 200 images
     summary = splits.summary()
-    assert "no labels: no accuracy can be measured" in summary and "0.0% of val images" in summary
+    assert "no labels: no accuracy can be measured" in summary and "0.0% of the 40 judged val images" in summary
     parquet = folder_to_parquet(unlabeled, tmp_path / "unlabeled.parquet")
     assert parquet == 200 and pq.read_table(tmp_path / "unlabeled.parquet").column("label").null_count == 200
     from_parquet = load_splits(DataConfig(source="parquet", path=str(tmp_path / "unlabeled.parquet"), image_size=8))

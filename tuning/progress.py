@@ -13,6 +13,7 @@ go to ``sweep.log`` in the sweep directory (:func:`log_to_file`).
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import time
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,20 @@ class OneLineFormatter(logging.Formatter):
         return f"{record.getMessage()}: {type(error).__name__}: {first} (traceback in {self.log_path})"
 
 
-def log_to_file(path: Path) -> logging.Logger:
-    """Send Ray's INFO logs (Tune, Train) and the reporter's full tables to ``path``; warnings still reach
-    the console."""
+def hold_notices() -> logging.handlers.MemoryHandler:
+    """Until the sweep's log file exists (it is made once the cluster is known to fit the trials, so that a refused
+    sweep leaves nothing): the records of the file-only loggers, Ray's start-up notices, are held in memory."""
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    for name in FILE_ONLY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [held]
+        logger.propagate = False
+    return held
+
+
+def log_to_file(path: Path, held: logging.handlers.MemoryHandler | None = None) -> logging.Logger:
+    """Send Ray's INFO logs (Tune, Train) and the reporter's full tables to ``path``, with the ``held`` records
+    first; warnings still reach the console."""
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -130,6 +142,9 @@ def log_to_file(path: Path) -> logging.Logger:
         logger = logging.getLogger(name)
         logger.handlers = [to_file]
         logger.propagate = False
+    if held is not None:
+        held.setTarget(to_file)
+        held.close()  # flushes the held records to the file
     return logging.getLogger("ssl_tune.sweep")
 
 

@@ -31,7 +31,7 @@ from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
 from tuning.interrupt import Interruption, StartWatchdog
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
-from tuning.progress import CompactReporter, log_to_file
+from tuning.progress import CompactReporter, hold_notices, log_to_file
 from tuning.search import base_values, build_scheduler, build_searcher, default_point
 from tuning.server import check_reachable
 from tuning.settings import (
@@ -192,11 +192,12 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
         print(warning)
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
         space.check_batch_fits(base, len(splits.ssl_train))
-    path = sweep_path(settings)
-    log_to_file(path / LOG_FILE)  # before Ray starts: its start-up notices go to the file
-    print(f"full log: {path / LOG_FILE}")
+    held = hold_notices()  # Ray's start-up notices, for the log file
     ensure_ray(settings.address)
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
+    path = sweep_path(settings)
+    log_to_file(path / LOG_FILE, held)
+    print(f"full log: {path / LOG_FILE}")
     # Save Tune's experiment state every few seconds, so a hard crash loses little (Tune's "auto" can wait minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     # Each trial keeps 1 checkpoint, so each one forces a state save (a resume never points at a deleted
