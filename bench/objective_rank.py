@@ -49,7 +49,7 @@ from ssl_train.data import DatasetSplits, ImageSet, load_images, load_splits  # 
 from ssl_train.data.sources import EMBEDDED_POOLS  # noqa: E402
 from ssl_train.evaluation.evaluate import evaluate_backbone  # noqa: E402
 from ssl_train.evaluation.features import extract_features  # noqa: E402
-from ssl_train.evaluation.knn import fitted_knn_k, knn_true_class_share, knn_vote_shares  # noqa: E402
+from ssl_train.evaluation.knn import fitted_knn_k, knn_vote_shares, true_class_share  # noqa: E402
 from ssl_train.evaluation.label_free import alpha_exponent, alpha_req_score, effective_rank  # noqa: E402
 from ssl_train.evaluation.resolution import bootstrap_se  # noqa: E402
 from ssl_train.evaluation.rotation import orientation_informative, rotation_probe_accuracy  # noqa: E402
@@ -154,8 +154,7 @@ def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet)
     val_labels = splits.val.labels
     shares = knn_vote_shares(memory, labels, features["val"], splits.num_classes, k, TEMPERATURE)
     per_image = {"knn_acc": (shares.argmax(1) == val_labels).double().numpy(),
-                 "knn_prob": knn_true_class_share(memory, labels, features["val"], val_labels, splits.num_classes,
-                                                  k, TEMPERATURE).double().numpy(),
+                 "knn_prob": true_class_share(shares, val_labels).double().numpy(),
                  "probe_logp": probe_logp(memory, labels, features["val"], val_labels, splits.num_classes)}
     alpha = alpha_exponent(features["val"])
     scores = {name: float(values.mean()) for name, values in per_image.items()}

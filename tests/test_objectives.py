@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_train.evaluation.knn import knn_predict, knn_true_class_share, knn_vote_shares
+from ssl_train.evaluation.knn import knn_predict, knn_vote_shares, true_class_share
 from ssl_train.evaluation.label_free import alpha_exponent, alpha_req_score, eigenspectrum
 from ssl_train.evaluation.resolution import bootstrap_se
 from ssl_train.evaluation.rotation import orientation_informative, rotated_copies, rotation_probe_accuracy
@@ -24,7 +24,8 @@ def test_knn_vote_share_matches_a_hand_computation():
     w0, w1, w2 = math.exp(1 / 0.5), math.exp(0 / 0.5), math.exp(2**-0.5 / 0.5)
     shares = knn_vote_shares(TRAIN, TRAIN_LABELS, query, num_classes=2, k=3, temperature=0.5)
     assert shares[0].tolist() == pytest.approx([(w0 + w2) / (w0 + w1 + w2), w1 / (w0 + w1 + w2)], rel=1e-6)
-    truth = knn_true_class_share(TRAIN, TRAIN_LABELS, torch.cat([query, query]), torch.tensor([0, 1]), 2, 3, 0.5)
+    both = knn_vote_shares(TRAIN, TRAIN_LABELS, torch.cat([query, query]), num_classes=2, k=3, temperature=0.5)
+    truth = true_class_share(both, torch.tensor([0, 1]))
     assert truth.tolist() == pytest.approx([(w0 + w2) / (w0 + w1 + w2), w1 / (w0 + w1 + w2)], rel=1e-6)
     # k=1: all of the vote goes to the nearest neighbour's class
     assert knn_vote_shares(TRAIN, TRAIN_LABELS, query, 2, k=1, temperature=0.5)[0].tolist() == [1.0, 0.0]

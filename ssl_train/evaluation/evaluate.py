@@ -9,7 +9,7 @@ from torch import nn
 
 from ssl_train.config import EvalConfig
 from ssl_train.evaluation.features import extract_features
-from ssl_train.evaluation.knn import fitted_knn_k, knn_vote_shares
+from ssl_train.evaluation.knn import fitted_knn_k, knn_vote_shares, true_class_share
 from ssl_train.evaluation.label_free import (
     alpha_exponent,
     alpha_req_score,
@@ -77,7 +77,7 @@ def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, features: torch.
                              config.knn_temperature)
     labels = labels.long()
     per_image = {"knn_acc": (shares.argmax(dim=1) == labels).double().numpy(),
-                 "knn_prob": shares.gather(1, labels[:, None])[:, 0].double().numpy()}
+                 "knn_prob": true_class_share(shares, labels).double().numpy()}
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     return scores | {f"{name}_se": bootstrap_se(values, groups) for name, values in per_image.items()}
 

@@ -65,23 +65,15 @@ def knn_predict(
     return knn_vote_shares(train_features, train_labels, test_features, num_classes, k, temperature).argmax(dim=1)
 
 
-def knn_true_class_share(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-) -> torch.Tensor:
-    """Per test sample, the share of the weighted kNN vote that its true class gets, in [0, 1] (``[M]``).
+def true_class_share(shares: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of the weighted kNN vote (:func:`knn_vote_shares`) that its true class gets, in [0, 1].
 
     Its mean (``knn_prob``) is the probability the vote assigns to the truth, a proper score: it moves with every
     vote, where accuracy moves only when a vote flips, so it has less sampling noise on a small val split.
     """
-    check_pair(test_features, test_labels, "test")
-    shares = knn_vote_shares(train_features, train_labels, test_features, num_classes, k, temperature)
-    return shares.gather(1, test_labels.cpu().long()[:, None])[:, 0]
+    if shares.dim() != 2 or labels.shape != shares.shape[:1]:
+        raise ValueError(f"shares must be [M, C] and labels [M], got {list(shares.shape)} and {list(labels.shape)}")
+    return shares.gather(1, labels.cpu().long()[:, None])[:, 0]
 
 
 def knn_accuracy(
