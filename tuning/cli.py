@@ -51,6 +51,7 @@ from tuning.settings import check_settings, check_sweep_name
 if TYPE_CHECKING:
     from tuning.settings import SweepSettings
 
+
 def scaling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--workers``, ``--gpus-per-worker`` and ``--max-failures`` as dotted config overrides."""
     overrides: dict[str, Any] = parse_workers(args.workers) if args.workers else {}
