@@ -14,7 +14,8 @@ accuracy (k=20 fitted, T=0.07, memory the run's eval-train images) on images tha
 Candidates with labels (val split only; the SSL model trained on none of its images):
 ``knn_acc`` (the old objective), ``knn_prob`` (the kNN vote's share for the true class, a proper score),
 ``probe_logp`` (a linear probe's mean log-probability of the true class). Without labels: ``rankme``,
-``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe). No candidate has a parameter fitted
+``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe), ``view_match`` (instance retrieval
+between two fixed corner views, which needs no "up"). No candidate has a parameter fitted
 here: each is scored as the library computes it. The val-size curve subsamples val groups (images without groups)
 to show how many the labeled objective needs to rank reliably.
 
@@ -36,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -54,13 +56,14 @@ from ssl_train.evaluation.label_free import alpha_exponent, alpha_req_score, eff
 from ssl_train.evaluation.resolution import bootstrap_se  # noqa: E402
 from ssl_train.evaluation.rotation import orientation_informative, rotation_probe_accuracy  # noqa: E402
 from ssl_train.training.loop import Trainer, WorkerContext, build_model  # noqa: E402
+from tuning.cli_args import DEMO_SCALE  # noqa: E402
 
 K, TEMPERATURE = 20, 0.07
 SIZE = 16
 SMALL = [f"data.image_size={SIZE}", "backbone.width=16", "optim.warmup_epochs=1", "data.leak_check=false",
          "eval.test_at_end=false"]
 LABELED = ("knn_acc", "knn_prob", "probe_logp")
-LABEL_FREE = ("rankme", "alpha_req", "rotation")
+LABEL_FREE = ("rankme", "alpha_req", "rotation", "view_match")
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 CURVE_DRAWS = 50
 
@@ -144,6 +147,30 @@ def probe_logp(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tenso
     return np.log(proba[np.arange(len(val)), val_labels.numpy()])
 
 
+def corner_views(images: torch.Tensor, fraction: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-left and bottom-right ``fraction`` of uint8 images ``[N, C, S, S]``, each resized back to ``S``."""
+    side = images.shape[-1]
+    crop = round(fraction * side)
+
+    def resized(part: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(part.float(), size=(side, side), mode="bilinear", antialias=True).round().clamp(
+            0, 255).to(torch.uint8)
+
+    return resized(images[..., :crop, :crop]), resized(images[..., side - crop:, side - crop:])
+
+
+def view_match(backbone: torch.nn.Module, val: ImageSet) -> float:
+    """A label-free candidate that needs no "up": how often a val image's corner view has as nearest neighbour (by
+    cosine, among the other corner of every val image) a view of its own source, the image itself or, with groups,
+    an image of its group (overlapping crops of one photo can share a corner). Both directions, averaged."""
+    first, second = (F.normalize(extract_features(backbone, views), dim=1) for views in corner_views(val.images))
+    source = (torch.arange(len(val)) if val.groups is None
+              else torch.as_tensor(np.unique(val.groups, return_inverse=True)[1]))
+    similarity = first @ second.T
+    hits = (source[similarity.argmax(1)] == source).double() + (source[similarity.argmax(0)] == source).double()
+    return float(hits.mean() / 2)
+
+
 def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet) -> tuple[dict, dict]:
     """Every candidate on val, and the truths (kNN on new images; the tool's test split for reference); plus the
     per-val-image values of the labeled candidates, for the val-size curve."""
@@ -161,7 +188,8 @@ def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet)
     scores |= {"knn_prob_se": bootstrap_se(per_image["knn_prob"], splits.val.groups),
                "knn_acc_se": bootstrap_se(per_image["knn_acc"], splits.val.groups),
                "rankme": effective_rank(features["val"]), "alpha": alpha, "alpha_req": alpha_req_score(alpha),
-               "rotation": rotation_probe_accuracy(lambda x: extract_features(backbone, x), splits.val.images)}
+               "rotation": rotation_probe_accuracy(lambda x: extract_features(backbone, x), splits.val.images),
+               "view_match": view_match(backbone, splits.val)}
     for truth in ("test", "new"):
         truth_labels = splits.test.labels if truth == "test" else new.labels
         predicted = knn_vote_shares(memory, labels, features[truth], splits.num_classes, k, TEMPERATURE).argmax(1)
@@ -193,7 +221,8 @@ def run_set(data: DataSet, trial_recipes: list[dict]) -> tuple[pd.DataFrame, lis
                      "epoch_s": train_s / recipe["optim.epochs"], "score_s": time.perf_counter() - started})
         per_images.append(per_image)
         print(f"{data.name} trial {index}: new {scores['new_knn_acc']:.3f} val knn_acc {scores['knn_acc']:.3f} "
-              f"knn_prob {scores['knn_prob']:.3f} rankme {scores['rankme']:.1f} rotation {scores['rotation']:.3f}",
+              f"knn_prob {scores['knn_prob']:.3f} rankme {scores['rankme']:.1f} rotation {scores['rotation']:.3f} "
+              f"view_match {scores['view_match']:.3f}",
               flush=True)
     return pd.DataFrame(rows), per_images, splits, facts
 
@@ -270,16 +299,18 @@ def report(results: dict, curves: dict, facts: dict, args: argparse.Namespace, s
 
 
 def demo_cost() -> dict[str, float]:
-    """What evaluation costs at the demo's size (MNIST-5k, 32 px, the default backbone) against one epoch."""
-    base = load_config(overrides=["data.source=mnist5k", "data.leak_check=false", "optim.epochs=1",
+    """What one evaluation costs at the demo's size (MNIST-5k at the demo's scale) against one epoch; the evaluation
+    timed after a first one, as in a trial, where every epoch is evaluated."""
+    base = load_config(overrides=["data.source=mnist5k", *DEMO_SCALE, "data.leak_check=false", "optim.epochs=1",
                                   "optim.warmup_epochs=0", "eval.test_at_end=false"])
     splits = load_splits(base.data)
     trainer = Trainer(base, lambda _metrics, _checkpoint: None, WorkerContext(), splits=splits)
     started = time.perf_counter()
     trainer.fit()
     epoch_s = time.perf_counter() - started
+    evaluate_backbone(trainer.method.backbone, splits, base.eval, bf16=trainer.bf16)
     started = time.perf_counter()
-    evaluate_backbone(trainer.method.backbone, splits, base.eval)
+    evaluate_backbone(trainer.method.backbone, splits, base.eval, bf16=trainer.bf16)
     return {"epoch s": epoch_s, "evaluation s": time.perf_counter() - started}
 
 
@@ -298,7 +329,8 @@ def main() -> None:
             curves[data.name] = size_curve(per_images, splits, table["new_knn_acc"].to_numpy())
             table.to_csv(Path(__file__).parent / f"objective_rank_{data.name}.csv", index=False)
     text = report(results, curves, facts, args, time.perf_counter() - started)
-    text += (f"\nCost at the demo's size (MNIST-5k, 32 px): one epoch {cost['epoch s']:.1f} s, one evaluation "
+    text += (f"\nCost at the demo's size (MNIST-5k, {' '.join(DEMO_SCALE)}): one epoch {cost['epoch s']:.1f} s, "
+             "one evaluation "
              f"(kNN accuracy and vote share with bootstrap standard errors, RankMe, alpha-ReQ) "
              f"{cost['evaluation s']:.2f} s ({100 * cost['evaluation s'] / cost['epoch s']:.0f} % of the epoch).\n")
     plot(results, Path(__file__).parent / "objective_rank.png")

@@ -115,7 +115,7 @@ def test_candidates_are_the_default_plus_the_top_k_full_budget_trials():
     chosen = candidates(table, space, top_k=1)
     assert list(chosen) == [DEFAULT_CANDIDATE, "trial_a"]  # pruned and default trials are not among the K
     assert chosen[DEFAULT_CANDIDATE] == {"method": "byol"} and chosen["trial_a"]["optim.lr"] == 0.004
-    grid = confirmation_grid(chosen, seeds=3, base_seed=10)
+    grid = confirmation_grid(chosen, seeds=range(3), base_seed=10)
     assert len(grid) == 2 * 3
     assert [g["overrides"]["seed"] for g in grid] == [10, 11, 12, 10, 11, 12]
     assert all(g["overrides"]["eval.test_at_end"] is True for g in grid)

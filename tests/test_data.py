@@ -417,3 +417,39 @@ def test_the_summary_names_the_decode_rate_and_the_bar_shows_on_a_terminal_only(
     load_splits(config)
     assert re.search(rf"decoding {re.escape(str(root))}: .*\d+/30 ", terminal.getvalue()), terminal.getvalue()
     assert "decoded" not in load_splits(DataConfig(leak_check=False)).summary()  # arrays, not files: no rate
+
+
+def test_decoded_images_pickle_out_of_band_and_round_trip():
+    """Protocol 5 hands the pixels over as one out-of-band buffer (what Ray's object store shares zero-copy)."""
+    import pickle
+
+    splits = load_splits(DataConfig(source="digits", image_size=8))
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(splits.val, protocol=5, buffer_callback=buffers.append)
+    assert sum(memoryview(b).nbytes for b in buffers) >= splits.val.images.numel()  # the pixels, out of band
+    assert len(payload) < splits.val.images.numel()  # not in the pickle itself
+    back = pickle.loads(payload, buffers=buffers)
+    assert torch.equal(back.images, splits.val.images) and torch.equal(back.labels, splits.val.labels)
+    assert back.images.dtype == torch.uint8 and back.labels.dtype == splits.val.labels.dtype
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_trials_read_the_decoded_images_from_rays_object_store_in_place(ray_cluster):
+    """Every task on a node maps the one stored copy: its images live in the object store's shared memory, not in
+    a private copy on the task's heap."""
+    import ray
+
+    splits = load_splits(DataConfig(source="digits", image_size=8))
+    stored = ray.put(splits)
+
+    @ray.remote(num_cpus=0)
+    def inspect(loaded) -> tuple[str, int]:
+        address = loaded.ssl_train.images.data_ptr()
+        with open("/proc/self/maps") as maps:  # the mapping whose address range holds the pixels
+            mapping = next(line for line in maps if int(line.split("-")[0], 16) <= address
+                           < int(line.split()[0].split("-")[1], 16))
+        return mapping, int(loaded.ssl_train.images.sum())
+
+    mapping, total = ray.get(inspect.remote(stored))
+    assert "plasma" in mapping and mapping.split()[1].endswith("s"), mapping  # shared, the object store's file
+    assert total == int(splits.ssl_train.images.sum())

@@ -579,3 +579,32 @@ def test_a_time_budget_that_ends_before_any_trial_reports_calls_no_config_best(r
     for run in children(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "budget"):
         assert run.data.tags[STATUS_TAG] == "budget"
         assert run.data.tags[REASON_TAG] == "stopped by the time budget of 1 s after epoch 0"
+
+
+@pytest.mark.slow  # 2 configs x 4 seeds of training: minutes on 2 cores
+def test_auto_confirmation_adds_a_round_of_seeds_for_the_winner_and_the_start(ray_cluster, tmp_path):
+    """--confirm-seeds auto: 3 seeds per config, then, the margin undecided, more seeds for the winner and the
+    default only, in a Tune experiment of their own; MLflow holds each run once, and the output names the seeds."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = tmp_path / "lr.yaml"  # the default (lr 1e-6) barely trains: a searched lr wins
+    space.write_text(SPACE.replace("[0.05, 1.0e+9]", "[1.0e-6, 0.05]"))
+    settings = SweepSettings(
+        space=str(space), overrides=[*TINY, "optim.epochs=2", "optim.lr=1.0e-6"], trials=3, min_epochs=1,
+        concurrency=2, name="rounds", storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune-test",
+        seed=1, confirm_top=1, confirm_seeds="auto", max_confirm_seeds=4, min_effect=-1.0,
+    )
+    search, confirm = run_sweep(settings)
+    outcome = finish_sweep(settings, search, confirm)
+    client = MlflowClient(uri)
+    confirmed = children(client, "rounds", stage="confirm")
+    seeds: dict[str, list[int]] = {}
+    for run in confirmed:
+        seeds.setdefault(run.data.tags[CANDIDATE_TAG], []).append(int(run.data.params["seed"]))
+    winner = client.get_run(outcome.parent_run_id).data.tags["ssl_tune.winner"]
+    # with min_effect -1, 3 seeds cannot decide (the first look's bound is strict): one more for winner and default
+    assert winner != "default" and sorted(seeds[winner]) == [0, 1, 2, 3], seeds
+    assert sorted(seeds["default"]) == [0, 1, 2, 3]
+    assert {run.data.tags["ssl_tune.tune_experiment"] for run in confirmed} == {"confirm-3", "confirm-3-seeds4"}
+    assert len(confirmed) == 8  # 2 configs x 3 seeds, then 2 x 1: no run twice
+    assert "seeds: 4 of at most 4; stopped: " in outcome.confirmation_text
+    assert "O'Brien-Fleming alpha spending, look " in outcome.confirmation_text

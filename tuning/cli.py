@@ -46,7 +46,7 @@ from tuning.cli_args import (
     parse_workers,
 )
 from tuning.server import check_reachable
-from tuning.settings import check_settings, check_sweep_name
+from tuning.settings import check_settings, check_sweep_name, confirmation_looks
 
 if TYPE_CHECKING:
     from tuning.settings import SweepSettings
@@ -295,7 +295,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
         time_budget_s=parse_duration(args.time_budget) if args.time_budget else None, address=args.address,
         confirm=not args.no_confirm, confirm_top=confirm_top, confirm_seeds=(
             DEMO_CONFIRM_SEEDS if demo else SweepSettings.confirm_seeds) if args.confirm_seeds is None else
-        args.confirm_seeds,
+        args.confirm_seeds, min_effect=args.min_effect, max_confirm_seeds=args.max_confirm_seeds,
         register=args.register, keep_checkpoints=args.keep_checkpoints,
         start_timeout_s=parse_duration(args.start_timeout) if args.start_timeout not in ("0", "0s") else None,
     )
@@ -350,7 +350,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = load_report(uri, args.sweep, args.experiment)
     print(f"sweep {report.name} ({len(report.table)} search trials, objective on val):")
     print(format_table(report, args.top))
-    loaded = load_confirmation(report, uri, report.parent_params.get("sweep.objective", "knn_acc"), args.experiment)
+    params = report.parent_params
+    loaded = load_confirmation(report, uri, params.get("sweep.objective", "knn_acc"), args.experiment,
+                               confirmation_looks(params.get("sweep.confirm_seeds"),
+                                                  int(params.get("sweep.max_confirm_seeds", 10))),
+                               float(params.get("sweep.min_effect", 0)))
     if loaded is not None:
         print(f"\nconfirmation ({'test' if loaded[0].accuracy_measured else 'val only: no labels'}):\n"
               f"{loaded[0].table()}")

@@ -72,6 +72,16 @@ def parse_duration(text: str) -> float:
 
 
 
+def seed_count(value: str) -> int | str:
+    """``--confirm-seeds``: a whole number, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seeds or auto") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ssl-tune`` parser: one sub-command a function below; each names its handler in ``tuning.cli``."""
     parser = argparse.ArgumentParser(prog="ssl-tune", description=DESCRIPTION)
@@ -137,8 +147,15 @@ def _add_tune(commands: Any) -> None:
                       "log the winner's)")
     tune.add_argument("--confirm-top", type=int, help=f"confirm the K best search configs (default 2; the demo: "
                       f"{DEMO_CONFIRM_TOP})")
-    tune.add_argument("--confirm-seeds", type=int, help=f"seeds per confirmed config (default 3; the demo: "
-                      f"{DEMO_CONFIRM_SEEDS})")
+    tune.add_argument("--confirm-seeds", type=seed_count, help=f"seeds per confirmed config (default 3; the demo: "
+                      f"{DEMO_CONFIRM_SEEDS}); auto: 3, then 2 more at a time for the winner and the start, up to "
+                      "--max-confirm-seeds, until the margin is decided (O'Brien-Fleming alpha spending keeps the "
+                      "95 %% error rate)")
+    tune.add_argument("--max-confirm-seeds", type=int, default=10,
+                      help="with --confirm-seeds auto: the most seeds the winner and the start get (default 10)")
+    tune.add_argument("--min-effect", type=float, default=0.0,
+                      help="with --confirm-seeds auto: stop adding seeds once the winner's margin is at or below "
+                      "this (e.g. 0.01: a gain under 1 point is not worth more seeds; default 0)")
     tune.add_argument("--no-confirm", action="store_true",
                       help="skip confirmation: no test score, the best search trial by val is the result")
     tune.add_argument("--register", metavar="NAME", help="register the confirmed winner's model as a version of "

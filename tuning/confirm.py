@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 from ssl_train.status import Status
+from tuning.sequential import FIRST_SEEDS, Look, look
 
 DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
@@ -65,13 +66,13 @@ def _native(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def confirmation_grid(chosen: dict[str, dict[str, Any]], seeds: int, base_seed: int) -> list[dict[str, Any]]:
-    """One entry per (config, seed): the Tune grid of the confirmation stage."""
+def confirmation_grid(chosen: dict[str, dict[str, Any]], seeds: range, base_seed: int) -> list[dict[str, Any]]:
+    """One entry per (config, seed index in ``seeds``): the Tune grid of a confirmation round."""
     return [
         {"candidate": name, "seed_index": index,
          "overrides": {**overrides, "seed": base_seed + index, "eval.test_at_end": True}}
         for name, overrides in chosen.items()
-        for index in range(seeds)
+        for index in seeds
     ]
 
 
@@ -144,6 +145,8 @@ class Confirmation:
 
     runs: pd.DataFrame  # one row per run: candidate, seed, val, test (NaN: not measured), status, run_id
     objective: str  # e.g. "knn_acc": the runs' val_<objective>, and test_<metric_on_test(objective)>
+    looks: tuple[int, ...] | None = None  # --confirm-seeds auto: the seed counts at which the margin is tested
+    min_effect: float = 0.0  # with looks: stop adding seeds once the margin is at or below this
 
     @property
     def test_metric(self) -> str:
@@ -165,8 +168,25 @@ class Confirmation:
 
     @property
     def winner(self) -> str:
-        """The config with the best mean val over its seeds (test plays no part in the choice)."""
-        return str(self.summary().iloc[0]["candidate"])
+        """The config with the best mean val over its seeds (test plays no part in the choice); with sequential
+        seeds, over the first round's, which every config has (later rounds add seeds to the winner and the start
+        only, and must not change which is the winner)."""
+        if self.looks is None:
+            return str(self.summary().iloc[0]["candidate"])
+        first = sorted(self.runs["seed"].unique())[:FIRST_SEEDS]
+        finished = self.runs[(self.runs["status"] == Status.FINISHED) & self.runs["seed"].isin(first)]
+        return str(finished.groupby("candidate")["val"].mean().idxmax())
+
+    def decision(self) -> Look | None:
+        """With sequential seeds and a paired margin: what the look at the winner's seeds decided (None otherwise,
+        or when the seeds so far are not a planned look, as after a failed run)."""
+        if self.looks is None or not self.accuracy_measured or self.winner == DEFAULT_CANDIDATE:
+            return None
+        winner, default = self.scores(self.winner), self.scores(DEFAULT_CANDIDATE)
+        if set(winner.index) != set(default.index) or len(winner) not in self.looks:
+            return None
+        seeds = sorted(winner.index)
+        return look((winner[seeds] - default[seeds]).tolist(), self.looks, self.min_effect)
 
     def scores(self, candidate: str, split: str = "test") -> pd.Series:
         """The finished runs' ``split`` scores (``test`` or ``val``) of ``candidate``, indexed by seed."""
@@ -177,6 +197,11 @@ class Confirmation:
         """The winner's test margin over the default; None when no accuracy was measured (no labels)."""
         if not self.accuracy_measured:
             return None
+        decided = self.decision()
+        if decided is not None:
+            return Margin(decided.difference, decided.low, decided.high,
+                          f"paired t, O'Brien-Fleming alpha spending, look {self.looks.index(decided.seeds) + 1} of "
+                          f"{len(self.looks)}")
         return seed_margin(self.scores(self.winner), self.scores(DEFAULT_CANDIDATE))
 
     def table(self) -> str:
@@ -213,8 +238,12 @@ class Confirmation:
             if mean > best_test:
                 lines.append(f"  the baseline {name} beats every confirmed config on test (best {best_test:.4f}): "
                              "self-supervised training at this budget does not help these images yet")
+        seeds = len(self.scores(self.winner)) if self.looks else seeds
         lines.append(f"winner (best mean {chosen_by}): {self.winner}; margin over the default on test "
                      f"{self.test_metric}: {margin.difference:+.4f}, 95 % interval [{margin.low:+.4f}, "
                      f"{margin.high:+.4f}] ({margin.method}, {seeds} seeds each)")
+        decided = self.decision()
+        if decided is not None:
+            lines.append(f"seeds: {decided.seeds} of at most {self.looks[-1]}; stopped: {decided.reason}")
         lines.append(margin.verdict(self.winner))
         return "\n".join(lines)

@@ -20,7 +20,7 @@ from ssl_train.config import TrainConfig
 from ssl_train.data import load_splits
 from ssl_train.status import Status
 from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, Margin
-from tuning.settings import STUDY_FILE, SweepSettings, sweep_path
+from tuning.settings import STUDY_FILE, SweepSettings, confirmation_looks, first_round_seeds, sweep_path
 from tuning.trial import OBJECTIVE
 
 
@@ -81,7 +81,7 @@ class _Winner:
 
 
 def finish_sweep(
-    settings: SweepSettings, search: tune.ResultGrid, confirm: tune.ResultGrid | None = None
+    settings: SweepSettings, search: list[tune.Result], confirm: list[tune.Result] | None = None
 ) -> SweepOutcome:
     """After the last trial: the winner's config YAML, tables and plots on the parent run, the winner's weights."""
     from tuning.report import format_table, load_confirmation, load_report, recipe_change
@@ -93,7 +93,9 @@ def finish_sweep(
     if _close_unfinished(tracker, report, settings):
         report = load_report(settings.tracking_uri, settings.name, settings.experiment)
     _check_scored(report.table, settings)
-    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment)
+    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment,
+                               confirmation_looks(settings.confirm_seeds, settings.max_confirm_seeds),
+                               settings.min_effect)
     failed_text = None
     if loaded is not None and settings.confirm and loaded[0].summary().empty:
         failed_text = loaded[0].format({})  # every confirmation run failed: say so; the search's best is the winner
@@ -160,7 +162,7 @@ def _tracker(settings: SweepSettings, path: Path) -> Any:
 
 
 def _confirmed_winner(settings: SweepSettings, client: Any, parent_id: str, loaded: tuple[Confirmation, dict],
-                      confirm: tune.ResultGrid | None, path: Path) -> _Winner:
+                      confirm: list[tune.Result] | None, path: Path) -> _Winner:
     """The confirmation's winner; its margin over the default, the baselines and the scores go to the parent run."""
     confirmation, configs = loaded
     base = settings.base_config()
@@ -168,7 +170,7 @@ def _confirmed_winner(settings: SweepSettings, client: Any, parent_id: str, load
     reference = {}
     if confirmation.accuracy_measured:  # data with no labels has no test split: nothing to compare with
         splits = load_splits(base.replace({"data.leak_check": False}).data)  # checked and logged at the start
-        reference = baselines(base, splits, settings.confirm_seeds, measured)
+        reference = baselines(base, splits, first_round_seeds(settings), measured)
     margin = confirmation.margin()
     summary = confirmation.summary().set_index("candidate")
     test_scores = {} if margin is None else {

@@ -117,8 +117,9 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
 
 
 def _trial_count(confirm_experiment: str) -> int:
-    """``confirm-12`` -> 12."""
-    return int(confirm_experiment.rpartition("-")[2] or 0)
+    """``confirm-12`` (and its sequential rounds, ``confirm-12-seeds5``) -> 12."""
+    parts = confirm_experiment.split("-")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str) -> list[Any]:
@@ -126,19 +127,21 @@ def _stage_runs(client: MlflowClient, experiment_id: str, sweep: str, stage: str
     return client.search_runs([experiment_id], where, max_results=5000)
 
 
-def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
-                      experiment: str = DEFAULT_EXPERIMENT) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
+def load_confirmation(report: SweepReport, tracking_uri: str, objective: str, experiment: str = DEFAULT_EXPERIMENT,
+                      looks: tuple[int, ...] | None = None, min_effect: float = 0.0,
+                      ) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
     """The latest confirmation of a sweep (None when it has none) and each candidate's config: val ``objective`` and
-    test :func:`~tuning.confirm.test_metric` of each run.
+    test :func:`~tuning.confirm.test_metric` of each run; ``looks`` for ``--confirm-seeds auto``.
 
-    A sweep extended after it was confirmed is confirmed again (Tune experiment ``confirm-<trials>``);
-    only the runs of the confirmation of the most search trials count.
+    A sweep extended after it was confirmed is confirmed again (Tune experiment ``confirm-<trials>``, and its
+    sequential rounds ``confirm-<trials>-seeds<n>``); only the runs of the confirmation of the most search trials
+    count.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = _stage_runs(client, client.get_experiment_by_name(experiment).experiment_id, report.name, "confirm")
     if runs:
-        latest = max({r.data.tags.get(TUNE_EXPERIMENT_TAG, "") for r in runs}, key=_trial_count)
-        runs = [r for r in runs if r.data.tags.get(TUNE_EXPERIMENT_TAG, "") == latest]
+        latest = max(_trial_count(r.data.tags.get(TUNE_EXPERIMENT_TAG, "")) for r in runs)
+        runs = [r for r in runs if _trial_count(r.data.tags.get(TUNE_EXPERIMENT_TAG, "")) == latest]
     if not runs:
         return None
     rows, configs = [], {}
@@ -155,7 +158,7 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str,
             "trial": run.data.tags[TRIAL_TAG],
             "run_id": run.info.run_id,
         })
-    return Confirmation(pd.DataFrame(rows), objective), configs
+    return Confirmation(pd.DataFrame(rows), objective, looks, min_effect), configs
 
 
 def format_table(report: SweepReport, top: int = 10) -> str:

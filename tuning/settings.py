@@ -60,7 +60,9 @@ class SweepSettings:
     address: str | None = None
     confirm: bool = True
     confirm_top: int = 2
-    confirm_seeds: int = 3
+    confirm_seeds: int | str = 3  # or "auto": add seeds in rounds until the margin is decided (tuning.sequential)
+    min_effect: float = 0.0  # with confirm_seeds "auto": stop adding seeds once the margin is at or below this
+    max_confirm_seeds: int = 10  # with confirm_seeds "auto": the most seeds the winner and the default get
     extensions: int = 0  # Tune experiments extend-1..K added by --resume NAME --trials N
     register: str | None = None  # register the winner's MLflow Model under this name
     keep_checkpoints: bool = False  # keep every trial's newest checkpoint, not only the logged winners'
@@ -110,12 +112,42 @@ def check_settings(settings: SweepSettings, resume: bool) -> tuple[SweepSettings
         raise ConfigError(
             f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
         )
-    if settings.confirm and (settings.confirm_top < 1 or settings.confirm_seeds < 1):
-        raise ConfigError(f"--confirm-top {settings.confirm_top} / --confirm-seeds {settings.confirm_seeds}: "
-                          "both must be >= 1 (or --no-confirm)")
+    check_confirmation(settings)
     space = load_space(settings.space, base)
     check_objective(settings.objective, space)
     return settings, base, space
+
+
+AUTO_SEEDS = "auto"
+
+
+def check_confirmation(settings: SweepSettings) -> None:
+    """``--confirm-top`` >= 1 and ``--confirm-seeds`` >= 1 or ``auto`` (unless ``--no-confirm``)."""
+    seeds = settings.confirm_seeds
+    if not settings.confirm:
+        return
+    if seeds != AUTO_SEEDS and (not isinstance(seeds, int) or seeds < 1):
+        raise ConfigError(f"--confirm-seeds {seeds}: use a number >= 1, or auto (add seeds until the margin is "
+                          "decided)")
+    if settings.confirm_top < 1:
+        raise ConfigError(f"--confirm-top {settings.confirm_top}: must be >= 1 (or --no-confirm)")
+    if seeds == AUTO_SEEDS and settings.max_confirm_seeds < 4:
+        raise ConfigError(f"--max-confirm-seeds {settings.max_confirm_seeds}: with --confirm-seeds auto it must be "
+                          "at least 4 (3 seeds, then at least one more round)")
+
+
+def first_round_seeds(settings: SweepSettings) -> int:
+    """Seeds per config in confirmation's first (or only) round."""
+    from tuning.sequential import FIRST_SEEDS
+
+    return FIRST_SEEDS if settings.confirm_seeds == AUTO_SEEDS else int(settings.confirm_seeds)
+
+
+def confirmation_looks(confirm_seeds: int | str, max_confirm_seeds: int) -> tuple[int, ...] | None:
+    """The seed counts at which ``--confirm-seeds auto`` tests the margin; None for a fixed number of seeds."""
+    from tuning.sequential import seed_looks
+
+    return seed_looks(max_confirm_seeds) if confirm_seeds == AUTO_SEEDS else None
 
 
 def sweep_path(settings: SweepSettings) -> Path:

@@ -35,11 +35,14 @@ from tuning.progress import CompactReporter, hold_notices, log_to_file
 from tuning.search import base_values, build_scheduler, build_searcher, default_point
 from tuning.server import check_reachable
 from tuning.settings import (
+    AUTO_SEEDS,
     CONFIRM_DIR,
     EXTEND_PREFIX,
     LOG_FILE,
     SweepSettings,
     check_settings,
+    confirmation_looks,
+    first_round_seeds,
     save_settings,
     sweep_path,
     tune_path,
@@ -209,7 +212,7 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
 
 def run_sweep(
     settings: SweepSettings, resume: bool = False, interruption: Interruption | None = None
-) -> tuple[list[tune.Result], tune.ResultGrid | None]:
+) -> tuple[list[tune.Result], list[tune.Result] | None]:
     """Run (or resume) a sweep's search and confirmation; return the search trials' and confirmation's results.
 
     The MLflow runs are written as it goes. With an ``interruption``, Ctrl-C/SIGTERM stop the
@@ -277,29 +280,62 @@ def _search_tuner(stage: _Stage, name: str, storage: str, trials: int, enqueue_d
     )
 
 
-def _run_confirmation(stage: _Stage, name: str) -> tune.ResultGrid:
-    """The top-K search configs and the default, S seeds each, at the full epoch budget, as Tune trials.
+def _run_confirmation(stage: _Stage, name: str) -> list[tune.Result]:
+    """The top-K search configs and the default, S seeds each, at the full epoch budget, as Tune trials; with
+    ``--confirm-seeds auto``, then further rounds of seeds for the winner and the default until the margin is
+    decided (:mod:`tuning.sequential`).
 
-    ``name`` (``confirm-<search trials>``) is the Tune experiment: a sweep extended later is confirmed anew.
+    ``name`` (``confirm-<search trials>``) is the Tune experiment: a sweep extended later is confirmed anew. Each
+    further round is its own experiment (``confirm-<trials>-seeds<n>``), so a resumed sweep replays the decisions
+    from the rounds it finds and continues from there.
     """
     from tuning.report import load_report
 
+    settings = stage.settings
+    report = load_report(settings.tracking_uri, settings.name, settings.experiment)
+    chosen = candidates(report.table, stage.space, settings.confirm_top)
+    seeds = first_round_seeds(settings)
+    grid = confirmation_grid(chosen, range(seeds), stage.base.seed)
+    print(f"\nconfirming {len(chosen)} configs ({', '.join(chosen)}) with {seeds} seeds each"
+          f"{' (more if undecided: --confirm-seeds auto)' if settings.confirm_seeds == AUTO_SEEDS else ''}, "
+          f"{stage.base.optim.epochs} epochs (the search trials' full budget): {len(grid)} runs")
+    results = list(_confirmation_round(stage, name, grid).fit())
+    while (more := _next_round(stage, report, chosen)) is not None:
+        round_name = f"{name}-seeds{more[-1]['seed_index'] + 1}"
+        print(f"\nthe margin is undecided: {len(more)} more runs ({round_name})")
+        results += list(_confirmation_round(stage, round_name, more).fit())
+    return results
+
+
+def _confirmation_round(stage: _Stage, name: str, grid: list[dict[str, Any]]) -> tune.Tuner:
+    """One round of confirmation runs as a Tune experiment (restored when it exists)."""
     settings, where = stage.settings, tune_path(stage.settings, name)
     if tune.Tuner.can_restore(where):
-        tuner = tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
-    else:
-        report = load_report(settings.tracking_uri, settings.name, settings.experiment)
-        chosen = candidates(report.table, stage.space, settings.confirm_top)
-        grid = confirmation_grid(chosen, settings.confirm_seeds, stage.base.seed)
-        print(f"\nconfirming {len(chosen)} configs ({', '.join(chosen)}) with {settings.confirm_seeds} seeds each, "
-              f"{stage.base.optim.epochs} epochs (the search trials' full budget): {len(grid)} runs")
-        tuner = tune.Tuner(
-            stage.trainable(),
-            param_space={CONFIRM_KEY: tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(
-                num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=stage.run_config(name, tune_path(settings), "confirm"),
-        )
-    return tuner.fit()
+        return tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        stage.trainable(),
+        param_space={CONFIRM_KEY: tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=stage.run_config(name, tune_path(settings), "confirm"),
+    )
+
+
+def _next_round(stage: _Stage, report: Any, chosen: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """With ``--confirm-seeds auto``, the next round's runs (the winner and the default at the next look's seeds),
+    or None: fixed seeds, no labels, the default won, or the last look decided."""
+    from tuning.report import load_confirmation
+
+    settings = stage.settings
+    if settings.confirm_seeds != AUTO_SEEDS:
+        return None
+    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment,
+                               confirmation_looks(settings.confirm_seeds, settings.max_confirm_seeds),
+                               settings.min_effect)
+    decided = loaded[0].decision() if loaded else None
+    if decided is None or decided.stop:
+        return None
+    confirmation = loaded[0]
+    following = confirmation.looks[confirmation.looks.index(decided.seeds) + 1]
+    pair = {name: chosen[name] for name in (confirmation.winner, DEFAULT_CANDIDATE)}
+    return confirmation_grid(pair, range(decided.seeds, following), stage.base.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +50,22 @@ class ImageSet:
     def group_count(self) -> int:
         """How many groups the images come from (each image is one when there are no groups)."""
         return len(self) if self.groups is None else len(np.unique(self.groups))
+
+    def __reduce__(self) -> tuple:
+        """Pickled as numpy arrays, which pickle protocol 5 hands over out of band: Ray's object store keeps one copy
+        of the decoded images per node, and every trial on the node reads it in place (``ray.get`` maps the shared
+        memory; a torch tensor would be copied into each trial's own memory)."""
+        return (_image_set_from_arrays, (np.ascontiguousarray(self.images.numpy()), self.labels.numpy(),
+                                         self.groups, self.decoding))
+
+
+def _image_set_from_arrays(images: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray],
+                           decoding: Optional[Decoding]) -> ImageSet:
+    """An :class:`ImageSet` over unpickled arrays, without copying them. From Ray's object store they are read-only
+    (shared by every trial on the node): nothing writes decoded images in place."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), groups, decoding)
 
 
 @dataclass

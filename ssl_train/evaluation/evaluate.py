@@ -29,6 +29,7 @@ def evaluate_backbone(
     device: torch.device | str = "cpu",
     split: str = "val",
     batch_size: int = 512,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """The label-free scores of one held-out split (RankMe, alpha-ReQ, the feature std, and the rotation probe if
     ``config.rotation_probe``); with labels, also its kNN accuracy and the kNN vote's share for the true class
@@ -42,6 +43,8 @@ def evaluate_backbone(
     of the split (:func:`rankme_sample`), not the projector's: the backbone's features are what users take away
     (``backbone.pt``, embeddings); the projector's output is shaped by the loss (BYOL's predictor target, SwAV's
     prototypes), and its rank says more about the head than about the representation.
+
+    ``bf16``: features under bf16 autocast, as the training step runs (:func:`extract_features`).
     """
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: evaluate on 'val' or 'test'")
@@ -50,18 +53,18 @@ def evaluate_backbone(
         raise ValueError(f"split={split!r}: the data has no labels, so it has no {split} split")
     sample = rankme_sample(len(held_out.images))
     if not splits.num_classes:  # no labels: the sample is all there is to score
-        features = sampled = extract_features(backbone, held_out.images[sample], batch_size, device)
+        features = sampled = extract_features(backbone, held_out.images[sample], batch_size, device, bf16)
     else:
-        features = extract_features(backbone, held_out.images, batch_size, device)
+        features = extract_features(backbone, held_out.images, batch_size, device, bf16)
         sampled = features[sample]
     groups = getattr(held_out, "groups", None)  # None: each image its own group
     metrics = {**label_free_scores(sampled, None if groups is None else groups[sample.numpy()],
                                    with_se=not splits.num_classes), "feature_std": embedding_std(features)}
     if config.rotation_probe:
-        metrics["rotation"] = rotation_probe_accuracy(lambda x: extract_features(backbone, x, batch_size, device),
+        metrics["rotation"] = rotation_probe_accuracy(lambda x: extract_features(backbone, x, batch_size, device, bf16),
                                                       held_out.images)
     if splits.num_classes:
-        train = extract_features(backbone, splits.eval_train.images, batch_size, device)
+        train = extract_features(backbone, splits.eval_train.images, batch_size, device, bf16)
         metrics |= knn_scores(train, splits.eval_train.labels, features, held_out.labels, groups, splits.num_classes,
                               config)
         if config.linear_probe:

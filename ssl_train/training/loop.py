@@ -375,13 +375,13 @@ class Trainer:
             last_epoch = epoch + 1 == config.optim.epochs
             if context.is_main and ((epoch + 1) % config.eval.every_epochs == 0 or last_epoch):
                 metrics.update(evaluate_backbone(self.method.backbone, self.splits, config.eval, self.device,
-                                                 split="val"))
+                                                 split="val", bf16=self.bf16))
             past_grace = epoch + 1 > config.eval.collapse_grace_epochs
             if past_grace and metrics["embedding_std"] < config.eval.collapse_threshold:
                 status = Status.COLLAPSED
             elif context.is_main and last_epoch and config.eval.test_at_end and self.splits.labeled:  # once, at the end
                 metrics.update(evaluate_backbone(self.method.backbone, self.splits, config.eval, self.device,
-                                                 split="test"))
+                                                 split="test", bf16=self.bf16))
         # .value: plain text in the metrics (and so in checkpoints, which load with weights_only=True)
         metrics["status"] = (Status.RUNNING if status == Status.FINISHED and epoch + 1 < config.optim.epochs
                              else status).value
