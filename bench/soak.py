@@ -12,9 +12,9 @@ At the end it counts, against Tune's own record of the trials: MLflow child runs
 finished trials without every epoch's metrics, Optuna trials missing, doubled or in the wrong state, and
 confirmation runs incomplete. Goal: all zero; ``python -m bench.soak`` exits 1 otherwise. An Optuna trial the
 killed driver asked for but Tune never recorded is no loss once the resume has closed it (FAIL, reason
-``tuning.search.ORPHAN_REASON``): those are counted apart (``study_orphans_closed``). ``python -m bench.soak``
-appends the figures to RESULTS.md (``--print-only``: prints them); ``tests/test_soak.py`` (slow) runs it on the
-test session's cluster.
+``tuning.search.ORPHAN_REASON``): those are counted apart (``study_orphans_closed``). ``python -m bench.soak
+--runs 5`` soaks 5 times, each on a fresh cluster, and writes a row of counts a run in RESULTS.md (``--print-only``:
+prints them); ``tests/test_soak.py`` (slow) runs it once on the test session's cluster.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from bench.mlflow_server import MlflowServer
 
@@ -197,49 +199,79 @@ LOSSES = ("lost", "doubled", "unknown_to_tune", "epochs_incomplete", "study_miss
           "study_wrong_state", "confirm_incomplete")
 
 
-def main() -> None:
+def soak_once(trials: int, concurrency: int) -> dict[str, Any]:
+    """One soak on a fresh 2-CPU head + 1-CPU worker cluster."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from bench.common import append_section, machine
     from bench.mlflow_server import free_tcp_port
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--concurrency", type=int, default=3)
-    parser.add_argument("--print-only", action="store_true", help="print the section; do not append it")
-    args = parser.parse_args()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_tcp_port()})
     ray.init(address=cluster.address)
     try:
         with tempfile.TemporaryDirectory(prefix="ssl-tune-soak-") as root:
-            result = run_soak(Path(root), cluster, args.trials, args.concurrency)
+            return run_soak(Path(root), cluster, trials, concurrency)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(result)
-    timeline = "\n".join(f"| {seconds:.0f} | {what} |" for seconds, what in result["timeline"])
-    losses = " ".join(f"{key} {result[key]}," for key in LOSSES).rstrip(",")
-    section = f"""## Soak: {args.trials} tiny trials through a lost node, an MLflow restart and a killed driver
-(`python -m bench.soak --trials {args.trials} --concurrency {args.concurrency}`; {machine()}; a 2-CPU head and a
-1-CPU worker node of a local `ray.cluster_utils.Cluster`, `--max-failures 3`, ASHA + TPE, confirmation 2 configs
-x 2 seeds, a real `mlflow server` on 127.0.0.1)
+
+
+def section(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    from bench.common import machine, markdown_table
+
+    timeline = "\n".join(f"| {seconds:.0f} | {what} |" for seconds, what in results[0]["timeline"])
+    columns = ("seconds", "tune_trials", "mlflow_runs", "study_trials", "study_orphans_closed", "trial_restarts",
+               "confirm_runs", *LOSSES)
+    table = markdown_table(pd.DataFrame([{"run": i + 1, **{key: r[key] for key in columns}}
+                                         for i, r in enumerate(results)]))
+    clean = sum(not any(r[key] for key in LOSSES) for r in results)
+    return f"""## Soak
+
+`bench/soak.py`: one long sweep of many tiny trials (8 px digits, 3 epochs, ASHA, TPE, confirmation) run as
+`ssl-tune tune` on a local multi-node `ray.cluster_utils.Cluster` (a 2-CPU head, a 1-CPU worker node,
+`--max-failures 3`), logging to a real `mlflow server` on 127.0.0.1. As trials end it removes the worker node (its
+trial restarts from its checkpoint) and adds one back, stops the MLflow server and starts it again on the same port and
+store, then SIGKILLs the driver and runs `ssl-tune tune --resume`. At the end it counts, against Tune's own record:
+MLflow child runs missing or doubled, finished trials without every epoch's metrics, Optuna trials missing, doubled or
+in the wrong state, and confirmation runs incomplete. An Optuna trial the killed driver asked for but Tune never
+recorded is closed FAIL on resume ("never started: the driver stopped") and counted apart
+(`study_orphans_closed`). Goal: all losses zero; the bench exits 1 otherwise.
+
+- Reproduce: `python -m bench.soak --trials {args.trials} --concurrency {args.concurrency} --runs {args.runs}`
+  (`tests/test_soak.py`, slow and in CI, runs it once on the test session's cluster).
+- Measured: {time.strftime('%Y-%m-%d')}, {machine()}.
+
+Events of run 1:
 
 | seconds | event |
 | --- | --- |
 {timeline}
 
-Counts against Tune's record: {result['tune_trials']} search trials, {result['mlflow_runs']} MLflow child runs,
-{result['study_trials']} Optuna trials (statuses {result['statuses']}; {result['study_orphans_closed']} asked for by
-the killed driver, never recorded by Tune, closed FAIL on resume), {result['trial_restarts']} trial restarts
-from a checkpoint; confirmation {result['confirm_tune_trials']}
-Tune trials, {result['confirm_runs']} MLflow runs. Losses: {losses}. Whole soak {result['seconds']} s.
+Every run ({clean} of {len(results)} with no loss):
+
+{table}
 """
-    print(section)
+
+
+def main() -> None:
+    from bench.common import replace_section
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1, help="soaks in a row, each on a fresh cluster")
+    parser.add_argument("--print-only", action="store_true", help="print the section; do not write it")
+    args = parser.parse_args()
+    results = []
+    for run in range(args.runs):
+        results.append(soak_once(args.trials, args.concurrency))
+        print(f"run {run + 1}: {results[-1]}", flush=True)
+    text = section(results, args)
+    print(text)
     if not args.print_only:
-        append_section(section)
-    lost = {key: result[key] for key in LOSSES if result[key]}
-    if lost:
+        replace_section("Soak", text)
+    lost = [{key: r[key] for key in LOSSES if r[key]} for r in results]
+    if any(lost):
         sys.exit(f"soak: losses are not all zero: {lost} (see the counts above and the driver logs)")
 
 
