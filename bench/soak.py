@@ -39,7 +39,7 @@ NAME = "soak"
 EXPERIMENT = "ssl-tune-soak"
 EPOCHS = 3
 TINY = [  # the tests' tiny model: 8 px digits, a narrow CNN, small heads
-    "data.image_size=8", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
+    "data.source=digits", "data.image_size=8", "optim.warmup_epochs=0", "eval.knn_k=20", "backbone.width=8",
     "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
     f"optim.epochs={EPOCHS}",
 ]

@@ -47,11 +47,17 @@ class CompactReporter(ProgressReporter):
     """A line per ended trial and a summary line every ``interval_s``; the full table goes to ``log``.
 
     ``metric`` is the reported key (``objective``) and ``objective`` the accuracy it holds (``knn_acc``),
-    which the printed label names.
+    which the printed label names. ``only_unfinished``: print the line of a trial that did not finish (failed,
+    diverged, collapsed) and only count the finished ones (confirmation, whose table follows).
+
+    Tune pickles the reporter with the experiment and a resume restores it: attributes that a newer version adds
+    have class defaults, so a sweep started by an older one resumes.
     """
 
+    only_unfinished = False
+
     def __init__(self, metric: str, label: Any, objective: str, interval_s: float = 60.0,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, only_unfinished: bool = False) -> None:
         self.metric = metric
         self.value_label = RANKED_BY.format(objective=objective)
         self.label = label  # trial -> the short text that names its searched values
@@ -61,6 +67,7 @@ class CompactReporter(ProgressReporter):
         self.last_summary = self.started
         self.reported: set[str] = set()
         self.pending: list[Trial] = []
+        self.only_unfinished = only_unfinished
 
     def should_report(self, trials: list[Trial], done: bool = False) -> bool:
         self.pending = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)
@@ -74,8 +81,12 @@ class CompactReporter(ProgressReporter):
             last = last_value(trial, self.metric)
             epochs = (trial.last_result or {}).get("epoch", 0)
             value = f"{last:.4f}" if last is not None else "-"
-            print(f"  trial {trial.trial_id:<14} {status:<9} {epochs:>3} epochs  {self.value_label} {value}  "
-                  f"{self.label(trial)}", flush=True)
+            line = f"  trial {trial.trial_id:<14} {status:<9} {epochs:>3} epochs  {self.value_label} {value}  " \
+                   f"{self.label(trial)}"
+            if self.only_unfinished and status == Status.FINISHED:
+                self.log.info(line)
+            else:
+                print(line, flush=True)
         self.pending = []
         now = time.monotonic()
         if done or now - self.last_summary >= self.interval_s:

@@ -156,7 +156,7 @@ class _Stage:
             callbacks=[self.callback(stage, name), StartWatchdog(settings.start_timeout_s)],
             verbose=1,
             progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label,
-                                              settings.objective),
+                                              settings.objective, only_unfinished=stage != "search"),
         )
 
 
