@@ -70,3 +70,14 @@ def test_resume_fails_the_study_trials_tune_never_recorded_and_leaves_the_others
                                           "status": Status.RUNNING})
     assert _study(tmp_path)["running"].state == TrialState.PRUNED
     assert resumed.close_orphans() == []
+
+
+def test_a_progress_reporter_pickled_by_an_older_version_still_reports():
+    """Tune pickles the reporter with the experiment and --resume restores it: a newer attribute has a default."""
+    import pickle
+
+    from tuning.progress import CompactReporter
+
+    reporter = CompactReporter("objective", str, "knn_acc", only_unfinished=True)
+    del reporter.__dict__["only_unfinished"]  # as a version without the attribute pickled it
+    assert pickle.loads(pickle.dumps(reporter)).only_unfinished is False
