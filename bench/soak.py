@@ -139,6 +139,12 @@ def run_soak(root: Path, cluster: Any, trials: int = 50, concurrency: int = 3, c
             raise RuntimeError(f"--resume failed ({resumed.returncode}): {(resumed.stdout + resumed.stderr)[-3000:]}")
         event("resumed sweep finished, confirmation included")
         counts = count_losses(root / "sweeps" / NAME, store)
+        if any(counts[key] for key in LOSSES):  # keep what explains it
+            kept = Path(tempfile.mkdtemp(prefix="ssl-tune-soak-loss-"))
+            for name in ("driver-1.log", "driver-2.log"):
+                (kept / name).write_text((root / name).read_text())
+            (kept / "sweep.log").write_text((root / "sweeps" / NAME / "sweep.log").read_text())
+            counts["kept"] = str(kept)
     finally:
         server.stop()
         if node is not None:
@@ -170,8 +176,10 @@ def count_losses(sweep: Path, store: Any) -> dict:
                and trial.state.name == "FAIL" and trial.user_attrs.get("ssl_tune_reason") == ORPHAN_REASON}
     recorded = [trial for trial in study.trials if trial.number not in orphans]
     study_ids = Counter(trial.user_attrs.get(TRIAL_ATTR) for trial in recorded)
-    wrong_state = sum(trial.state.name != OPTUNA_STATE.get(status.get(trial.user_attrs.get(TRIAL_ATTR)), "?")
-                      for trial in recorded)
+    wrong = [f"{trial.user_attrs.get(TRIAL_ATTR)}: Optuna {trial.state.name} ({trial.user_attrs.get('ssl_tune_status')}"
+             f", {trial.user_attrs.get('ssl_tune_reason')}), MLflow {status.get(trial.user_attrs.get(TRIAL_ATTR))}"
+             for trial in recorded
+             if trial.state.name != OPTUNA_STATE.get(status.get(trial.user_attrs.get(TRIAL_ATTR)), "?")]
 
     (confirm_dir,) = [path for path in sweep.iterdir() if path.name.startswith("confirm-")]
     tune_confirm = {trial.trial_id for trial in ExperimentAnalysis(str(confirm_dir)).trials}
@@ -189,7 +197,7 @@ def count_losses(sweep: Path, store: Any) -> dict:
         "epochs_incomplete": epochs_incomplete,
         "study_missing": len(tune_search - set(study_ids)),
         "study_doubled": sum(n - 1 for n in study_ids.values()),
-        "study_wrong_state": wrong_state, "study_orphans_closed": len(orphans),
+        "study_wrong_state": len(wrong), "wrong_states": wrong, "study_orphans_closed": len(orphans),
         "confirm_runs": len(confirm_runs), "confirm_tune_trials": len(tune_confirm),
         "confirm_incomplete": confirm_incomplete,
     }

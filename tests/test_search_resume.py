@@ -1,4 +1,5 @@
-"""A resumed sweep closes the Optuna trials its killed driver asked for but Tune never recorded (tuning/search.py).
+"""A resumed sweep closes the Optuna trials its killed driver asked for but Tune never recorded, and adopts the ones
+Tune recorded after the searcher's last save (tuning/search.py).
 
 The searcher is the one a sweep builds (``build_searcher``) on a real sqlite study, pickled as ``Tuner`` pickles
 it; its state goes through Ray's own ``save_to_dir`` / ``restore_from_dir``, which ``Tuner.restore`` calls on
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 
 from search_spaces import load_space
 from ssl_train.status import Status
-from tuning.search import ORPHAN_REASON, SEARCHER_ATTR, TRIAL_ATTR, TruthfulOptunaSearch, build_searcher
+from tuning.search import ORPHAN_REASON, TRIAL_ATTR, TruthfulOptunaSearch, build_searcher, close_orphans
 from tuning.settings import STUDY_FILE, SweepSettings
 from tuning.trial import OBJECTIVE
 
@@ -33,7 +34,7 @@ def _study(path: Path) -> dict[str, optuna.trial.FrozenTrial]:
     return {trial.user_attrs.get(TRIAL_ATTR, ""): trial for trial in study.trials}
 
 
-def test_resume_fails_the_study_trials_tune_never_recorded_and_leaves_the_others(tmp_path):
+def test_resume_fails_the_study_trials_tune_never_recorded_and_adopts_the_ones_it_did(tmp_path):
     state = tmp_path / "experiment"
     state.mkdir()
     searcher = _searcher(tmp_path)
@@ -43,33 +44,43 @@ def test_resume_fails_the_study_trials_tune_never_recorded_and_leaves_the_others
     searcher.on_trial_complete("finished", {OBJECTIVE: 0.5, "training_iteration": 3, "epoch": 3,
                                             "status": Status.FINISHED})
     searcher.save_to_dir(str(state), "2026-01-01_00-00-00")  # Tune's periodic save of the searcher state
+    # Tune saves its trial list first, then the searcher: a driver killed between the two leaves a trial that
+    # Tune's record holds (and will resume) but the restored searcher does not know.
+    assert searcher.suggest("between-the-saves")
     assert searcher.suggest("asked-after-save")  # then the driver is SIGKILLed: Tune never records this trial
     searcher._ot_study.ask()  # killed between study.ask and the user attributes: no Tune trial id at all
     extension = _searcher(tmp_path, enqueue_default=False)  # another Tune experiment of the sweep (extend-1)
     assert extension.suggest("extension-running")
     before = _study(tmp_path)
-    assert [before[key].state for key in ("asked-after-save", "", "extension-running", "running")] == \
-        [TrialState.RUNNING] * 4
+    assert [before[key].state for key in ("asked-after-save", "", "extension-running", "running",
+                                          "between-the-saves")] == [TrialState.RUNNING] * 5
 
     resumed = pickle.loads(pickled)  # what Tuner.restore unpickles, then restores from the saved state
     resumed.restore_from_dir(str(state))
+    recorded = {"finished", "running", "between-the-saves", "extension-running"}  # Tune's records, all experiments
+    closed = close_orphans(resumed._ot_study, recorded)
 
     after = _study(tmp_path)
-    assert len(after) == len(before) == 5
+    assert len(after) == len(before) == 6 and len(closed) == 2
     for orphan in ("asked-after-save", ""):
         assert after[orphan].state == TrialState.FAIL, orphan
         assert after[orphan].user_attrs["ssl_tune_reason"] == ORPHAN_REASON
         assert after[orphan].user_attrs["ssl_tune_status"] == Status.FAILED
     assert after["finished"].state == TrialState.COMPLETE and after["finished"].value == 0.5
     assert after["finished"].user_attrs == before["finished"].user_attrs
-    assert after["running"].state == TrialState.RUNNING and "ssl_tune_reason" not in after["running"].user_attrs
-    assert after["extension-running"].state == TrialState.RUNNING  # not this experiment's: left alone
-    assert after["running"].user_attrs[SEARCHER_ATTR] == resumed.searcher_key != extension.searcher_key
-    # The restored searcher still ends its recorded trial, and a second restore closes nothing more.
+    for recorded_trial in ("running", "between-the-saves", "extension-running"):
+        assert after[recorded_trial].state == TrialState.RUNNING, recorded_trial
+    # The restored searcher ends its recorded trials, the one it did not know included, as Tune reports them.
     resumed.on_trial_complete("running", {OBJECTIVE: 0.25, "training_iteration": 1, "epoch": 1,
                                           "status": Status.RUNNING})
-    assert _study(tmp_path)["running"].state == TrialState.PRUNED
-    assert resumed.close_orphans() == []
+    resumed.on_trial_result("between-the-saves", {OBJECTIVE: 0.3, "training_iteration": 1})
+    resumed.on_trial_complete("between-the-saves", {OBJECTIVE: 0.4, "training_iteration": 3, "epoch": 3,
+                                                    "status": Status.FINISHED})
+    final = _study(tmp_path)
+    assert final["running"].state == TrialState.PRUNED
+    assert final["between-the-saves"].state == TrialState.COMPLETE and final["between-the-saves"].value == 0.4
+    assert final["between-the-saves"].intermediate_values == {1: 0.3, 3: 0.4}
+    assert close_orphans(resumed._ot_study, recorded) == []
 
 
 def test_a_progress_reporter_pickled_by_an_older_version_still_reports():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from tuning.trial import OBJECTIVE
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines
 
 TRIAL_ATTR = "ray_trial_id"  # the study trial's Tune trial (and MLflow run, tag ray_trial_id)
-SEARCHER_ATTR = "ray_searcher"  # the searcher (one Tune experiment of the sweep) that asked for the study trial
 ORPHAN_REASON = "never started: the driver stopped"  # ssl_tune_reason of a study trial Tune never recorded
 
 
@@ -58,64 +56,41 @@ class TruthfulOptunaSearch(OptunaSearch):
     are user attributes of the Optuna trial. Subclassing keeps Ray's ask/suggest, warm-start and
     save/restore, which a Searcher of our own would have to repeat.
 
-    A driver killed between asking the study for a trial and saving its state (every few seconds) leaves that
-    study trial RUNNING with no Tune trial behind it: ``restore`` (``--resume``) closes such trials as FAIL.
+    A driver killed mid-sweep can leave the study and Tune's saved record apart. Tune saves its trial list, then
+    this searcher's state: a trial asked for between the two saves is in Tune's record (and resumes) but not in
+    the restored ``_ot_trials``, so its first result adopts its study trial (:meth:`_adopt`); a trial asked for
+    after both saves is in no record at all, and :func:`close_orphans` ends it on ``--resume``.
     """
 
     def __init__(self, *args: Any, time_limit_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.time_limit_s = time_limit_s
 
-    @property
-    def searcher_key(self) -> str:
-        """Marks the study trials this searcher asked for: one key per Tune experiment of the sweep, saved and
-        restored with the searcher's state."""
-        if "_searcher_key" not in self.__dict__:  # new, or restored from a state saved before it asked any trial
-            self._searcher_key = uuid.uuid4().hex
-        return self._searcher_key
-
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
         if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(SEARCHER_ATTR, self.searcher_key)
             self._ot_trials[trial_id].set_user_attr(TRIAL_ATTR, trial_id)
         return suggestion
 
-    def restore(self, checkpoint_path: str) -> None:
-        """Ray's restore (Tune calls it on a resume), then :meth:`close_orphans`."""
-        super().restore(checkpoint_path)
-        self.close_orphans()
-
-    def close_orphans(self) -> list[int]:
-        """Tell FAIL (reason ORPHAN_REASON) every RUNNING study trial that this searcher asked for after its state
-        was last saved: its Tune trial is in no saved record, so nothing would ever end it. Those are the trials not
-        in the restored ``_ot_trials`` that carry this searcher's key, or that carry no Tune trial id (asked and
-        killed at once); other experiments' running trials are left alone. Returns their numbers."""
-        known = set(self._ot_trials)
-        closed: list[int] = []
+    def _adopt(self, trial_id: str) -> bool:
+        """Take over the study trial of a Tune trial that the restored state does not know (see the class doc):
+        True when there is one still running."""
+        if trial_id in self._ot_trials:
+            return True
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            attrs = trial.user_attrs
-            mine = attrs.get(SEARCHER_ATTR) == self.searcher_key or TRIAL_ATTR not in attrs
-            if not mine or attrs.get(TRIAL_ATTR) in known:
-                continue
-            with contextlib.suppress(UpdateFinishedTrialError):  # ended meanwhile: left as it is
-                orphan = optuna.Trial(self._ot_study, trial._trial_id)
-                orphan.set_user_attr("ssl_tune_status", Status.FAILED)
-                orphan.set_user_attr("ssl_tune_reason", ORPHAN_REASON)
-                self._ot_study.tell(orphan, state=TrialState.FAIL)
-                closed.append(trial.number)
-        if closed:
-            logging.getLogger("ssl_tune.sweep").info(
-                "closed Optuna trials %s as FAIL (%s): asked for after the searcher state was saved", closed,
-                ORPHAN_REASON)
-        return closed
+            if trial.user_attrs.get(TRIAL_ATTR) == trial_id:
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
+                return True
+        return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._adopt(trial_id):
+            return
         with contextlib.suppress(UpdateFinishedTrialError):  # see on_trial_complete
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials or not self._adopt(trial_id):
             return
         ot_trial = self._ot_trials[trial_id]
         if error:
@@ -136,6 +111,26 @@ class TruthfulOptunaSearch(OptunaSearch):
             else:
                 self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+
+def close_orphans(study: optuna.Study, recorded: set[str]) -> list[int]:
+    """Tell FAIL (reason ORPHAN_REASON) every RUNNING study trial whose Tune trial is in no saved Tune record
+    (``recorded``: the trial ids of every Tune experiment of the sweep), or that has no Tune trial id at all (asked
+    and killed at once): nothing would ever end them. Returns their numbers."""
+    closed: list[int] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(TRIAL_ATTR) in recorded:
+            continue
+        with contextlib.suppress(UpdateFinishedTrialError):  # ended meanwhile: left as it is
+            orphan = optuna.Trial(study, trial._trial_id)
+            orphan.set_user_attr("ssl_tune_status", Status.FAILED)
+            orphan.set_user_attr("ssl_tune_reason", ORPHAN_REASON)
+            study.tell(orphan, state=TrialState.FAIL)
+            closed.append(trial.number)
+    if closed:
+        logging.getLogger("ssl_tune.sweep").info("closed Optuna trials %s as FAIL (%s): in no saved Tune record",
+                                                 closed, ORPHAN_REASON)
+    return closed
 
 
 def study_storage(path: Path) -> optuna.storages.RDBStorage:

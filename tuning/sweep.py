@@ -32,7 +32,7 @@ from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmat
 from tuning.interrupt import Interruption, StartWatchdog
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.progress import CompactReporter, hold_notices, log_to_file
-from tuning.search import base_values, build_scheduler, build_searcher, default_point
+from tuning.search import base_values, build_scheduler, build_searcher, close_orphans, default_point, study_storage
 from tuning.server import check_reachable
 from tuning.settings import (
     AUTO_SEEDS,
@@ -232,6 +232,7 @@ def run_sweep(
             raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{experiments[0]}'")
         tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
                   for where in experiments]
+        _close_orphans(settings.name, path, experiments)
     else:
         if tune.Tuner.can_restore(experiments[0]):
             raise ConfigError(f"sweep '{settings.name}' already exists at {experiments[0]}; "
@@ -254,6 +255,14 @@ def run_sweep(
         if not settings.confirm or _interrupted(interruption):
             return search, None
         return search, _run_confirmation(stage, f"{CONFIRM_DIR}-{len(search)}")
+
+
+def _close_orphans(name: str, path: Path, experiments: list[str]) -> None:
+    """Before a resume runs: end the study trials that no saved Tune record holds (:func:`close_orphans`)."""
+    import optuna
+
+    recorded = {trial.trial_id for where in experiments for trial in tune.ExperimentAnalysis(where).trials}
+    close_orphans(optuna.load_study(study_name=name, storage=study_storage(path)), recorded)
 
 
 def _interrupted(interruption: Interruption | None) -> bool:
