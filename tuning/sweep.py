@@ -230,7 +230,10 @@ def run_sweep(
     if resume:
         if not tune.Tuner.can_restore(experiments[0]):
             raise FileNotFoundError(f"--resume {settings.name}: no restorable sweep at '{experiments[0]}'")
-        tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
+        # A search trial that errored stays so: the study has been told FAIL and cannot take it back, so running it
+        # again would leave Tune and MLflow saying one thing and Optuna another (the soak caught it: a node's death
+        # counted twice ended a trial at once). Confirmation runs, which no study records, are re-run.
+        tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=False)
                   for where in experiments]
         _close_orphans(settings.name, path, experiments)
     else:
