@@ -14,10 +14,10 @@ accuracy (k=20 fitted, T=0.07, memory the run's eval-train images) on images tha
 Candidates with labels (val split only; the SSL model trained on none of its images):
 ``knn_acc`` (the old objective), ``knn_prob`` (the kNN vote's share for the true class, a proper score),
 ``probe_logp`` (a linear probe's mean log-probability of the true class). Without labels: ``rankme``,
-``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe), ``view_match`` (instance retrieval
-between two fixed corner views, which needs no "up"). No candidate has a parameter fitted
-here: each is scored as the library computes it. The val-size curve subsamples val groups (images without groups)
-to show how many the labeled objective needs to rank reliably.
+``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe); and ``view_match`` (instance retrieval
+between two fixed corner views, which needs no "up"), defined here because it failed and the library does not offer
+it. No candidate has a parameter fitted here: the others are scored as the library computes them. The val-size
+curve subsamples val groups (images without groups) to show how many the labeled objective needs to rank reliably.
 
     python -m bench.objective_rank [--trials 24] [--write]
 """

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import stats
 
 from ssl_train.status import Status
-from tuning.sequential import FIRST_SEEDS, Look, look
+from tuning.sequential import Look, look
 
 DEFAULT_CANDIDATE = "default"
 CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
@@ -173,7 +173,7 @@ class Confirmation:
         only, and must not change which is the winner)."""
         if self.looks is None:
             return str(self.summary().iloc[0]["candidate"])
-        first = sorted(self.runs["seed"].unique())[:FIRST_SEEDS]
+        first = sorted(self.runs["seed"].unique())[:self.looks[0]]
         finished = self.runs[(self.runs["status"] == Status.FINISHED) & self.runs["seed"].isin(first)]
         return str(finished.groupby("candidate")["val"].mean().idxmax())
 

@@ -20,7 +20,7 @@ from ssl_train.config import TrainConfig
 from ssl_train.data import load_splits
 from ssl_train.status import Status
 from tuning.confirm import DEFAULT_CANDIDATE, Confirmation, Margin
-from tuning.settings import STUDY_FILE, SweepSettings, confirmation_looks, first_round_seeds, sweep_path
+from tuning.settings import STUDY_FILE, SweepSettings, first_round_seeds, sweep_path
 from tuning.trial import OBJECTIVE
 
 
@@ -84,7 +84,7 @@ def finish_sweep(
     settings: SweepSettings, search: list[tune.Result], confirm: list[tune.Result] | None = None
 ) -> SweepOutcome:
     """After the last trial: the winner's config YAML, tables and plots on the parent run, the winner's weights."""
-    from tuning.report import format_table, load_confirmation, load_report, recipe_change
+    from tuning.report import format_table, load_report, load_sweep_confirmation, recipe_change
 
     path = sweep_path(settings)
     tracker = _tracker(settings, path)
@@ -93,9 +93,7 @@ def finish_sweep(
     if _close_unfinished(tracker, report, settings):
         report = load_report(settings.tracking_uri, settings.name, settings.experiment)
     _check_scored(report.table, settings)
-    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment,
-                               confirmation_looks(settings.confirm_seeds, settings.max_confirm_seeds),
-                               settings.min_effect)
+    loaded = load_sweep_confirmation(report, settings)
     failed_text = None
     if loaded is not None and settings.confirm and loaded[0].summary().empty:
         failed_text = loaded[0].format({})  # every confirmation run failed: say so; the search's best is the winner

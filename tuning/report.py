@@ -26,6 +26,7 @@ from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
 from ssl_train.status import Status  # noqa: E402
 from tuning.confirm import Confirmation, metric_on_test  # noqa: E402
+from tuning.settings import SweepSettings, confirmation_looks  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
@@ -159,6 +160,15 @@ def load_confirmation(report: SweepReport, tracking_uri: str, objective: str, ex
             "run_id": run.info.run_id,
         })
     return Confirmation(pd.DataFrame(rows), objective, looks, min_effect), configs
+
+
+def load_sweep_confirmation(report: SweepReport,
+                            settings: SweepSettings) -> tuple[Confirmation, dict[str, TrainConfig]] | None:
+    """:func:`load_confirmation` for the sweep of ``settings``: its objective, experiment and ``--confirm-seeds``
+    design (fixed, or the looks and minimum effect of ``auto``)."""
+    return load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment,
+                             confirmation_looks(settings.confirm_seeds, settings.max_confirm_seeds),
+                             settings.min_effect)
 
 
 def format_table(report: SweepReport, top: int = 10) -> str:

@@ -41,7 +41,6 @@ from tuning.settings import (
     LOG_FILE,
     SweepSettings,
     check_settings,
-    confirmation_looks,
     first_round_seeds,
     save_settings,
     sweep_path,
@@ -336,14 +335,11 @@ def _confirmation_round(stage: _Stage, name: str, grid: list[dict[str, Any]]) ->
 def _next_round(stage: _Stage, report: Any, chosen: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:
     """With ``--confirm-seeds auto``, the next round's runs (the winner and the default at the next look's seeds),
     or None: fixed seeds, no labels, the default won, or the last look decided."""
-    from tuning.report import load_confirmation
+    from tuning.report import load_sweep_confirmation
 
-    settings = stage.settings
-    if settings.confirm_seeds != AUTO_SEEDS:
+    if stage.settings.confirm_seeds != AUTO_SEEDS:
         return None
-    loaded = load_confirmation(report, settings.tracking_uri, settings.objective, settings.experiment,
-                               confirmation_looks(settings.confirm_seeds, settings.max_confirm_seeds),
-                               settings.min_effect)
+    loaded = load_sweep_confirmation(report, stage.settings)
     decided = loaded[0].decision() if loaded else None
     if decided is None or decided.stop:
         return None
