@@ -170,9 +170,29 @@ class ScalingConfig:
     resize_interval_s: float = 60.0
 
 
+# What a schedule may change between epochs, with no model, data or optimiser to rebuild: the augmentations'
+# probabilities and magnitudes, the lr, BYOL's tau, SwAV's epsilon and temperature.
+SCHEDULABLE_KEYS = frozenset({"optim.lr", "byol.tau_base", "swav.epsilon", "swav.temperature"})
+FIXED_FOR_A_RUN = frozenset({"augment.backend", "augment.num_local_crops", "augment.local_crop_size"})
+
+
+def schedulable(key: str) -> bool:
+    """Whether ``key`` may change between epochs of a run (``schedule:``; a PBT search's knobs)."""
+    return key in SCHEDULABLE_KEYS or (key.startswith("augment.") and key not in FIXED_FOR_A_RUN)
+
+
+@dataclass
+class ScheduleStep:
+    """From epoch ``epoch`` on (after that many epochs), the dotted values in ``set`` replace the run's own."""
+
+    epoch: int
+    set: dict[str, Any]
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines one training run."""
+    """Everything that defines one training run; ``schedule`` changes some of it between epochs (a learned
+    augmentation schedule, as Population Based Augmentation finds: Ho et al. 2019)."""
 
     method: Literal["byol", "swav"] = "byol"
     seed: int = 0
@@ -185,6 +205,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    schedule: list[ScheduleStep] = field(default_factory=list)
+
+    def at_epoch(self, epoch: int) -> TrainConfig:
+        """The values that train epoch ``epoch`` (0-based): every schedule step with ``step.epoch <= epoch`` applied
+        in order; the schedule itself is kept."""
+        tree = self.to_dict()
+        for step in self.schedule:
+            if step.epoch <= epoch:
+                for key, value in step.set.items():
+                    _set_dotted(tree, key, value)
+        return from_dict(tree)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,7 +305,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list of {args[0].__name__}")
+        if dataclasses.is_dataclass(args[0]):
+            return [v if isinstance(v, args[0]) else _build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}={value!r} must map dotted config keys to values, e.g. {{optim.lr: 0.001}}")
+        return dict(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")
@@ -394,6 +431,26 @@ def validate(c: TrainConfig) -> None:
     _validate_data(c)
     _validate_eval(c)
     _validate_scaling(c)
+    _validate_schedule(c)
+
+
+def _validate_schedule(c: TrainConfig) -> None:
+    """Each step after the last, inside the run's epochs, changing only schedulable keys to values the config
+    takes (checked on the values of that epoch, without the schedule: the check does not recurse)."""
+    values, last = dataclasses.replace(c, schedule=[]), 0
+    for i, step in enumerate(c.schedule):
+        where = f"schedule[{i}]"
+        _require(last < step.epoch < c.optim.epochs, f"{where}.epoch", step.epoch,
+                 f"steps go in increasing epochs, each in [1, optim.epochs - 1 = {c.optim.epochs - 1}]")
+        fixed = [key for key in step.set if key in c.flat() and not schedulable(key)]  # unknown: replace says so
+        _require(not fixed, f"{where}.set", step.set,
+                 f"'{fixed[0] if fixed else ''}' cannot change mid-run; a schedule changes the augment.* ops, "
+                 f"{', '.join(sorted(SCHEDULABLE_KEYS))}")
+        try:
+            values = values.replace(step.set)
+        except ConfigError as error:
+            raise ConfigError(f"{where} (from epoch {step.epoch}): {error}") from None
+        last = step.epoch
 
 
 def _validate_methods(c: TrainConfig) -> None:

@@ -9,9 +9,13 @@ modules keep the step generic.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ssl_train.config import TrainConfig
 
 
 class SSLMethod(nn.Module, ABC):
@@ -36,6 +40,9 @@ class SSLMethod(nn.Module, ABC):
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """After the optimiser step (BYOL's EMA, SwAV's renormalisation); returns metrics to report."""
         return {}
+
+    def take_values(self, config: TrainConfig) -> None:
+        """Take up the method's schedulable values of ``config`` (``schedule:``) between epochs."""
 
     def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
         """After a checkpoint is loaded into a group of ``world_size`` workers; returns a note for the log."""

@@ -77,6 +77,9 @@ class BYOL(SSLMethod):
         loss = byol_loss(self.predictor(online[0]), target[1]) + byol_loss(self.predictor(online[1]), target[0])
         return loss, F.normalize(online[0].detach().float(), dim=-1)
 
+    def take_values(self, config: TrainConfig) -> None:
+        self.tau_base = config.byol.tau_base
+
     def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         """EMA of the target towards the online network with ``tau(step)``."""
         tau = tau_schedule(step, total_steps, self.tau_base)

@@ -149,6 +149,9 @@ class SwAV(SSLMethod):
         return codes
 
     @torch.no_grad()
+    def take_values(self, config: TrainConfig) -> None:
+        self.cfg = config.swav  # epsilon and temperature; a schedule changes nothing else of it
+
     def on_resume(self, world_size: int, saved_world_size: int) -> str | None:
         """Empty the feature queue when a resumed run has, or had, 2+ workers.
 

@@ -35,7 +35,7 @@ from ssl_train.methods import SSLMethod, build_method
 from ssl_train.methods.backbones import build_backbone
 from ssl_train.status import Status
 from ssl_train.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ssl_train.training.optim import build_optimizer, build_scheduler
+from ssl_train.training.optim import base_lr, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,14 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def take_values(self, config: TrainConfig) -> None:
+        """Augment with ``config``'s recipes from the next epoch on (a schedule's step)."""
+        self.config = config
+        if self.batched:
+            self.augment = BatchedViews(view_recipes(config))
+        elif isinstance(self.images, torch.Tensor):
+            self.loader = self._loader(self.images, self.sampler, persistent=True)
 
     def for_epoch(self, epoch: int) -> Iterable[list[torch.Tensor]]:
         self.sampler.set_epoch(epoch)
@@ -331,6 +339,23 @@ class Trainer:
         if context.rank > 0:  # only rank 0's RNG is saved: give the others their own stream again
             _seed_everything(self.config.seed + 1_000 * context.rank + 1_000_000 * self.state.epoch)
 
+    def take_scheduled_values(self, epoch: int) -> None:
+        """Before ``epoch``: the values ``schedule:`` gives it, for the augmentations, the lr and the method's knobs.
+
+        Also right after a restore, whose optimiser and method state may hold another schedule's values (PBT copies
+        a better member's state, then changes some of its values). A run without a schedule keeps its own."""
+        if not self.config.schedule:
+            return
+        values = self.config.at_epoch(epoch)
+        if values.augment != self.batches.config.augment:
+            self.batches.take_values(values)
+        self.method.take_values(values)
+        scheduler = self.state.scheduler
+        lr = base_lr(values.optim)
+        for i, group in enumerate(self.state.optimizer.param_groups):
+            scheduler.base_lrs[i] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+
     def train_one_epoch(self, epoch: int) -> tuple[float, torch.Tensor | None, dict[str, float], float]:
         """Every step of ``epoch``: (mean loss over this worker's steps, last embeddings, last extras, seconds)."""
         self.method.train()
@@ -391,6 +416,7 @@ class Trainer:
         """Train the remaining epochs; after each, report its metrics and (rank 0) its checkpoint."""
         status, last_checkpoint = Status.FINISHED, None
         for epoch in range(self.state.epoch, self.config.optim.epochs):
+            self.take_scheduled_values(epoch)
             metrics, status = self.epoch_outcome(epoch, *self.train_one_epoch(epoch))
             self.state.history.append(metrics)
             self.state.epoch = epoch + 1
