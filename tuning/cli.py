@@ -288,7 +288,7 @@ def sweep_settings(args: argparse.Namespace) -> SweepSettings:
         space=args.space or (DEMO_SPACE if demo else SweepSettings.space), start=DEMO_START if demo else
         SweepSettings.start, config=str(args.config) if args.config else None, overrides=overrides,
         trials=default_trials if args.trials is None else args.trials, min_epochs=args.min_epochs,
-        concurrency=args.concurrency, searcher=args.searcher,
+        concurrency=args.concurrency, searcher=args.searcher, perturb_every=args.perturb_every,
         scheduler=args.scheduler, objective=args.objective, seed=args.seed, name=args.resume or args.name,
         storage=args.storage, tracking_uri=args.tracking_uri, experiment=args.experiment, keep_best=args.keep_best,
         trial_time_limit_s=parse_duration(args.trial_time_limit) if args.trial_time_limit else None,

@@ -126,7 +126,11 @@ def _add_tune(commands: Any) -> None:
     tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default: half the "
                       "trials' epochs, rounded up, at least 2; bench/asha_rungs.py says why)")
     tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
-    tune.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
+    tune.add_argument("--searcher", choices=["tpe", "random", "pbt"], default="tpe",
+                      help="tpe (Optuna, with --scheduler), random, or pbt: a population that learns an augmentation "
+                           "schedule (PBA; --trials members, --scheduler unused)")
+    tune.add_argument("--perturb-every", type=int, default=None, metavar="E",
+                      help="pbt: epochs between exploits (default: a quarter of the epochs, rounded up)")
     tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     tune.add_argument("--objective", choices=OBJECTIVES, default="auto",
                       help="what trials are ranked by, on val (default auto: knn_acc with labels, rankme without). "

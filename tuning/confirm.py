@@ -43,7 +43,7 @@ def metric_on_test(objective: str) -> str:
 
 def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[str, Any]]:
     """The space's fixed values alone (the default config) and with the searched values of the ``top_k``
-    best full-budget search trials.
+    best full-budget search trials (a PBT member's: its start values and its schedule, the members that have one).
 
     ``table`` holds the search trials best first (:func:`tuning.report.load_report`). Only trials that
     trained every epoch qualify (a pruned trial's value is of fewer epochs); the default trial is
@@ -51,9 +51,12 @@ def candidates(table: pd.DataFrame, space: Any, top_k: int) -> dict[str, dict[st
     """
     chosen: dict[str, dict[str, Any]] = {DEFAULT_CANDIDATE: dict(space.fixed)}
     finished = table[(table["status"] == Status.FINISHED) & ~table["is_default"]]
+    if "schedule" in finished:  # a PBT search: a member that never copied another trained the default's values
+        finished = finished[finished["schedule"].map(bool)]
     for _, row in finished.head(top_k).iterrows():
         searched = {key: _native(row[key]) for key in space.searched_keys() if key in row and _present(row[key])}
-        chosen[f"trial_{row['trial']}"] = {**space.fixed, **searched}
+        scheduled = {"schedule": row["schedule"]} if "schedule" in row else {}
+        chosen[f"trial_{row['trial']}"] = {**space.fixed, **searched, **scheduled}
     return chosen
 
 

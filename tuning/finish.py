@@ -208,6 +208,7 @@ def _log_winner(
     study = load_study(report, settings.tracking_uri)
     artifacts = [*winner.artifacts, best_config_path, *write_tables(report, path), path / STUDY_FILE,
                  *write_plots(study, path / "plots", winner.confirmation, winner.reference)]
+    artifacts += _schedule_plot(report, winner.config, path / "plots" / "schedule.png")
     for artifact in artifacts:
         if artifact.exists():
             client.log_artifact(report.parent_id, str(artifact), "plots" if artifact.parent.name == "plots" else None)
@@ -222,6 +223,21 @@ def _log_winner(
     client.log_metric(report.parent_id, f"best_search_val_{settings.objective}", float(report.best[OBJECTIVE]))
     client.set_terminated(report.parent_id, "FINISHED")
     return best_config_path, model_uri
+
+
+def _schedule_plot(report: Any, winner: TrainConfig, path: Path) -> list[Path]:
+    """A PBT search's schedule against the epoch: the winner's, or where the start won, the best search member's that
+    has one; none for a search without schedules."""
+    from tuning.population import plot_schedule
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if winner.schedule:
+        return [plot_schedule(winner, report.space.searched_keys(), path)]
+    for _, row in report.table.iterrows():
+        if report.configs[row["run_id"]].schedule:
+            return [plot_schedule(report.configs[row["run_id"]], report.space.searched_keys(), path,
+                                  f"the best scheduled search member's (trial {row['trial']})")]
+    return []
 
 
 def drop_checkpoints(results: list[tune.Result], keep: set[str]) -> int:

@@ -29,7 +29,9 @@ QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
 # trials.", "You need to set up the pruning feature ..." while ssl-tune tells Optuna each trial's fate itself), Ray's
 # start-up notices ("Started a local Ray instance", that token authentication is on: it stays on) and MLflow's store
 # set-up ("Creating initial MLflow database tables"): the file only.
-FILE_ONLY_LOGGERS = ("optuna", "ray._private.worker", "ray._private.authentication", "mlflow.store.db", "alembic")
+# ray.tune.logger.logger: "Remote file not found: .../result.json" as a PBT member restarts from another's checkpoint
+FILE_ONLY_LOGGERS = ("optuna", "ray._private.worker", "ray._private.authentication", "mlflow.store.db", "alembic",
+                     "ray.tune.logger.logger")
 
 
 def last_value(trial: Trial, metric: str) -> float | None:

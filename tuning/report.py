@@ -6,6 +6,7 @@ tracking store, including one that ran on another machine.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tuning.tracking import (  # noqa: E402
     DEFAULT_TAG,
     RANKED_BY,
     REASON_TAG,
+    SCHEDULE_TAG,
     STAGE_TAG,
     STATUS_TAG,
     SWEEP_TAG,
@@ -98,6 +100,10 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
         run_id = run.info.run_id
         configs[run_id] = config_from_params(run.data.params)
         flat = configs[run_id].flat()
+        learned = {}
+        if SCHEDULE_TAG in run.data.tags:  # a PBT member: its start values (the params) and the schedule it learned
+            learned = {"schedule": json.loads(run.data.tags[SCHEDULE_TAG])}
+            configs[run_id] = configs[run_id].replace(learned)
         rows.append({
             "trial": run.data.tags[TRIAL_TAG],
             OBJECTIVE: run.data.metrics.get(OBJECTIVE, 0.0),
@@ -108,6 +114,7 @@ def load_report(tracking_uri: str, sweep: str | None = None, experiment: str = D
             "reason": run.data.tags.get(REASON_TAG, ""),
             "is_default": run.data.tags.get(DEFAULT_TAG) == "true",
             **{key: flat[key] for key in space.searched_keys() if key in flat},
+            **learned,
             "run_id": run_id,
             "started": run.info.start_time,
         })
@@ -175,8 +182,13 @@ def format_table(report: SweepReport, top: int = 10) -> str:
     """The ``top`` search trials in the order that ranks them, the ranking value's column named for what it is,
     its standard error (``±SE``), the trials within noise of the best marked ``~best``, and a line when the whole
     search lies within the objective's noise (:func:`resolution_line`)."""
-    columns = ["trial", OBJECTIVE, OBJECTIVE_SE, "epochs", "status", *report.space.searched_keys()]
+    columns = ["trial", OBJECTIVE, OBJECTIVE_SE, "epochs", "status", *report.space.searched_keys(), "schedule"]
     shown = report.table[[c for c in columns if c in report.table]].head(top).copy()
+    if "schedule" in shown:  # a PBT search: every member starts at the same values; what differs is its schedule
+        shown = shown.drop(columns=report.space.searched_keys())
+        keys = report.space.searched_keys()
+        shown["schedule"] = [recipe_change(report.configs[run], report.configs[run], keys)
+                             for run in report.table["run_id"].head(top)]
     if OBJECTIVE_SE in shown:
         shown.insert(1, "", np.where(within_noise_of_best(shown), "~best", ""))
     ranked_by = RANKED_BY.format(objective=report.parent_params.get("sweep.objective", "knn_acc"))
@@ -215,7 +227,14 @@ SHORT_NAMES = {"crop_scale": "crop", "tau_base": "tau", "strength": "augmentatio
 def recipe_change(start: TrainConfig, winner: TrainConfig, keys: list[str]) -> str:
     """What the winner changes in the start, in words, over the searched ``keys``: ``flips off, crop 0.4-1 instead
     of 0.08-1, lr 0.004 instead of 0.002``; ``nothing`` when they agree."""
-    before, after = start.flat(), winner.flat()
+    changes = _changes(start.flat(), winner.flat(), keys)
+    for step in winner.schedule:
+        during = _changes(winner.at_epoch(step.epoch - 1).flat(), winner.at_epoch(step.epoch).flat(), keys)
+        changes.append(f"after epoch {step.epoch}: {', '.join(during) or 'the same'}")
+    return ", ".join(changes) or "nothing"
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any], keys: list[str]) -> list[str]:
     changes = []
     for key in keys:
         old, new = before.get(key), after.get(key)
@@ -226,7 +245,7 @@ def recipe_change(start: TrainConfig, winner: TrainConfig, keys: list[str]) -> s
         else:
             name = key.rpartition(".")[2]
             changes.append(f"{SHORT_NAMES.get(name, name)} {_words(new)} instead of {_words(old)}")
-    return ", ".join(changes) or "nothing"
+    return changes
 
 
 def _words(value: Any) -> str:
@@ -236,7 +255,10 @@ def _words(value: Any) -> str:
 
 
 def load_study(report: SweepReport, tracking_uri: str) -> optuna.Study | None:
-    """The sweep's persisted Optuna study: ``<storage>/<sweep>/optuna.db``, or the copy on the parent run."""
+    """The sweep's persisted Optuna study: ``<storage>/<sweep>/optuna.db``, or the copy on the parent run; None for
+    a PBT search, which has none."""
+    if report.parent_params.get("sweep.searcher") == "pbt":
+        return None
     local = Path(report.parent_params.get("sweep.storage", "runs/sweeps")).expanduser() / report.name / "optuna.db"
     if not local.is_file():
         try:

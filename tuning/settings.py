@@ -45,8 +45,9 @@ class SweepSettings:
     min_epochs: int | None = None  # epochs before ASHA may stop a trial; None: half the trials' epochs
     reduction_factor: int = 2
     concurrency: int = 2
-    searcher: str = "tpe"
+    searcher: str = "tpe"  # tpe | random | pbt (a population, tuning.population)
     scheduler: str = "asha"
+    perturb_every: int | None = None  # pbt: epochs between exploits; None: a quarter of the epochs, rounded up
     objective: str = "auto"  # auto | knn_prob | knn_acc | linear_acc | rankme | alpha_req | rotation
     collapse_threshold: float = 0.05
     trial_time_limit_s: float | None = None
@@ -91,7 +92,8 @@ def check_counts(settings: SweepSettings, resume: bool) -> None:
     ``trials`` may be 0 on a resume: no extension.
     """
     check_sweep_name(settings.name, "--resume" if resume else "--name")
-    check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0})
+    check_at_least(settings, {"trials": 0 if resume else 1, "min_epochs": 1, "concurrency": 1, "keep_best": 0,
+                              "perturb_every": 1})
 
 
 def check_settings(settings: SweepSettings, resume: bool) -> tuple[SweepSettings, TrainConfig, SearchSpace]:
@@ -108,14 +110,35 @@ def check_settings(settings: SweepSettings, resume: bool) -> tuple[SweepSettings
     if not resume and settings.scheduler == "asha" and (settings.min_epochs or 0) > base.optim.epochs:
         raise ConfigError(f"--min-epochs {settings.min_epochs} is more than the trials' {base.optim.epochs} epochs "
                           "(--epochs / optim.epochs): ASHA could never stop a trial; lower --min-epochs")
-    if settings.searcher not in ("tpe", "random") or settings.scheduler not in ("asha", "none"):
+    if settings.searcher not in ("tpe", "random", "pbt") or settings.scheduler not in ("asha", "none"):
         raise ConfigError(
-            f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random and asha|none"
+            f"searcher={settings.searcher!r} / scheduler={settings.scheduler!r}: use tpe|random|pbt and asha|none"
         )
     check_confirmation(settings)
     space = load_space(settings.space, base)
     check_objective(settings.objective, space)
+    if settings.searcher == "pbt":
+        check_population(settings, base, space)
     return settings, base, space
+
+
+def check_population(settings: SweepSettings, base: TrainConfig, space: SearchSpace) -> None:
+    """A PBT search: schedulable knobs only, one-worker members, at least 4 of them, a perturbation inside the run;
+    ``perturb_every`` set to its default when not given."""
+    from tuning.population import check_schedulable
+
+    check_schedulable(space)
+    epochs = base.optim.epochs
+    settings.perturb_every = settings.perturb_every or math.ceil(epochs / 4)
+    if settings.perturb_every >= epochs:
+        raise ConfigError(f"--perturb-every {settings.perturb_every}: a member trains {epochs} epochs, so it would "
+                          f"never copy another; use at most {epochs - 1}, or more --epochs")
+    if settings.trials < 4:
+        raise ConfigError(f"--trials {settings.trials}: --searcher pbt needs a population of at least 4 members (the "
+                          "bottom quarter copies the top quarter); PBA used 16")
+    if base.scaling.max_workers > 1:
+        raise ConfigError(f"scaling.max_workers={base.scaling.max_workers}: --searcher pbt trains one-worker members "
+                          "(a member's copied state restarts it); set scaling.max_workers=1, or use --searcher tpe")
 
 
 AUTO_SEEDS = "auto"

@@ -31,6 +31,7 @@ from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
 from tuning.interrupt import Interruption, StartWatchdog
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
+from tuning.population import POPULATION_SEARCHERS, build_pbt, population_space
 from tuning.progress import CompactReporter, hold_notices, log_to_file
 from tuning.search import base_values, build_scheduler, build_searcher, close_orphans, default_point, study_storage
 from tuning.server import check_reachable
@@ -75,8 +76,10 @@ def trial_dirname(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, preview_images, workdir: Path):
-    """For the MLflow callback: a trial's full params, tags and artifacts (config YAML, augmentation preview)."""
+def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, preview_images, workdir: Path,
+                     population: bool = False):
+    """For the MLflow callback: a trial's full params, tags and artifacts (config YAML, augmentation preview).
+    A PBT member starts from the default's values but is no default run: its values change as it goes."""
     commit = git_commit()
     flat = base_values(base)  # the default trial holds these values (its per-op augmentations spelled out)
     default_values = {key: flat[key] for key in default_point(space, base)}
@@ -92,7 +95,7 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
             names = {MLFLOW_RUN_NAME: f"confirm-{confirm['candidate']}-seed{confirm['seed_index']}",
                      CANDIDATE_TAG: confirm["candidate"]}
         else:
-            is_default = all(trial.config.get(k) == v for k, v in default_values.items())
+            is_default = not population and all(trial.config.get(k) == v for k, v in default_values.items())
             names = {MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
         tags = {
             **names,
@@ -118,10 +121,17 @@ class _Stage:
     splits: Any
     path: Path
 
-    def trainable(self) -> Any:
+    @property
+    def population(self) -> bool:
+        """A PBT search (:mod:`tuning.population`), not TPE's or random's trials."""
+        return self.settings.searcher in POPULATION_SEARCHERS
+
+    def trainable(self, stage: str = "search") -> Any:
+        """The trial function; a PBT search's members continue lineages of the searched keys."""
+        keys = tuple(self.space.searched_keys()) if stage == "search" and self.population else ()
         return tune.with_resources(
             tune.with_parameters(run_trial, base_config=self.base.to_dict(), objective=self.settings.objective,
-                                 splits=self.splits),
+                                 splits=self.splits, scheduled_keys=keys),
             trial_resources(self.base),
         )
 
@@ -133,7 +143,8 @@ class _Stage:
             tracking_uri=settings.tracking_uri,
             sweep_name=settings.name,
             experiment=settings.experiment,
-            describe_trial=_trial_describer(self.base, self.space, self.space.source, self.splits.preview(8), workdir),
+            describe_trial=_trial_describer(self.base, self.space, self.space.source, self.splits.preview(8), workdir,
+                                            population=self.population),
             sweep_tags={"method": self.base.method, "dataset": self.base.data.source,
                         "search_space": self.space.source, **labels_tag(self.splits.num_classes)},
             sweep_params={f"sweep.{k}": v for k, v in asdict(settings).items() if k != "overrides"},
@@ -145,11 +156,15 @@ class _Stage:
 
     def run_config(self, name: str, storage: str, stage: str) -> tune.RunConfig:
         settings = self.settings
+        # A PBT member keeps every checkpoint while the search runs: one that another member copies must outlive it,
+        # and Tune deletes a kept tail twice where PBT saves a function trial (an ERROR line a perturbation). Finishing
+        # deletes the checkpoints of every trial whose weights are not kept (drop_checkpoints).
+        keep = None if stage == "search" and self.population else TRIAL_CHECKPOINTS
         return tune.RunConfig(
             name=name,
             storage_path=storage,
             stop={"time_total_s": settings.trial_time_limit_s} if settings.trial_time_limit_s else None,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
             # a trial whose node left (or whose process died) restarts from its last checkpoint
             failure_config=tune.FailureConfig(max_failures=self.base.scaling.max_failures),
             callbacks=[self.callback(stage, name), StartWatchdog(settings.start_timeout_s)],
@@ -234,7 +249,8 @@ def run_sweep(
         # counted twice ended a trial at once). Confirmation runs, which no study records, are re-run.
         tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=False)
                   for where in experiments]
-        _close_orphans(settings.name, path, experiments)
+        if not stage.population:  # a PBT search has no study
+            _close_orphans(settings.name, path, experiments)
     else:
         if tune.Tuner.can_restore(experiments[0]):
             raise ConfigError(f"sweep '{settings.name}' already exists at {experiments[0]}; "
@@ -247,7 +263,7 @@ def run_sweep(
         for tuner in tuners:
             search += list(tuner.fit())
         missing = settings.trials - len(search)
-        if resume and missing > 0 and not _interrupted(interruption):
+        if resume and missing > 0 and not stage.population and not _interrupted(interruption):
             settings.extensions += 1
             name = f"{EXTEND_PREFIX}{settings.extensions}"
             save_settings(settings, path)
@@ -272,8 +288,11 @@ def _interrupted(interruption: Interruption | None) -> bool:
 
 
 def _search_tuner(stage: _Stage, name: str, storage: str, trials: int, enqueue_default: bool) -> tune.Tuner:
-    """A Tune experiment of ``trials`` search trials asking the sweep's Optuna study (created or continued)."""
+    """A Tune experiment of ``trials`` search trials asking the sweep's Optuna study (created or continued), or
+    a population of ``trials`` PBT members."""
     settings = stage.settings
+    if stage.population:
+        return _population_tuner(stage, name, storage)
     return tune.Tuner(
         stage.trainable(),
         tune_config=tune.TuneConfig(
@@ -285,6 +304,25 @@ def _search_tuner(stage: _Stage, name: str, storage: str, trials: int, enqueue_d
             max_concurrent_trials=settings.concurrency,
             time_budget_s=settings.time_budget_s,
             reuse_actors=True,  # ~3 s less start-up per trial on a small machine
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=stage.run_config(name, storage, "search"),
+    )
+
+
+def _population_tuner(stage: _Stage, name: str, storage: str) -> tune.Tuner:
+    """PBT over ``--trials`` members, all starting from the default's values (:mod:`tuning.population`)."""
+    settings = stage.settings
+    start = base_values(stage.base.replace(stage.space.fixed))
+    return tune.Tuner(
+        stage.trainable(),
+        param_space=population_space(stage.space, start, settings.trials, stage.base.seed),
+        tune_config=tune.TuneConfig(
+            scheduler=build_pbt(stage.space, OBJECTIVE, settings.perturb_every, settings.seed),
+            num_samples=1,
+            max_concurrent_trials=settings.concurrency,
+            time_budget_s=settings.time_budget_s,
+            reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=stage.run_config(name, storage, "search"),
@@ -322,9 +360,9 @@ def _confirmation_round(stage: _Stage, name: str, grid: list[dict[str, Any]]) ->
     """One round of confirmation runs as a Tune experiment (restored when it exists)."""
     settings, where = stage.settings, tune_path(stage.settings, name)
     if tune.Tuner.can_restore(where):
-        return tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(where, stage.trainable("confirm"), resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
-        stage.trainable(),
+        stage.trainable("confirm"),
         param_space={CONFIRM_KEY: tune.grid_search(grid)},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=settings.concurrency, reuse_actors=True,
                                     trial_dirname_creator=trial_dirname),

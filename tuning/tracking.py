@@ -7,6 +7,7 @@ parent and children again by tag instead of creating new ones.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -25,6 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import LoggerCallback
 
 from ssl_train.status import Status
+from tuning.population import EXPLOIT, SCHEDULE
 from tuning.server import TrackingError, check_reachable
 from tuning.settings import DEFAULT_EXPERIMENT
 
@@ -36,6 +38,8 @@ DEFAULT_TAG = "ssl_tune.is_default_config"
 STAGE_TAG = "ssl_tune.stage"  # search (selects on val) or confirm (seeded re-runs, the only ones that read test)
 TUNE_EXPERIMENT_TAG = "ssl_tune.tune_experiment"  # the Tune experiment of a trial: the sweep's, extend-K, confirm-N
 CANDIDATE_TAG = "ssl_tune.candidate"  # a confirmation run's config: "default" or trial_<id> of the search
+SCHEDULE_TAG = "ssl_tune.schedule"  # a PBT member's lineage: its schedule steps (JSON), updated every epoch
+EXPLOIT_TAG = "ssl_tune.exploit"  # a PBT member's exploit events, one tag each: ssl_tune.exploit.epoch<E>
 LABELS_TAG = "ssl_tune.labels"  # the classes of the data, or that it has none and no accuracy was measured
 NO_LABELS = "none: no accuracy measured (no test split, kNN or linear probe); runs scored by RankMe on val"
 # MLflow prints "View run ... at: URL" for every run ended on a tracking server: 2 lines a trial. The console
@@ -178,15 +182,31 @@ class TrialStarted:
 
 @dataclass
 class EpochLogged:
-    """One epoch's metrics of a trial, at ``step`` (the epoch)."""
+    """One epoch's metrics of a trial, at ``step`` (the epoch), and tags it sets (a PBT member's schedule, exploits)."""
 
     trial: str
     metrics: dict[str, float]
     step: int
     timestamp_ms: int
+    tags: dict[str, str] | None = None
 
     def write(self, callback: MLflowSweepCallback) -> None:
-        callback.tracker.log_epoch(callback.open_run(self.trial), self.metrics, self.step, self.timestamp_ms)
+        run_id = callback.open_run(self.trial)
+        callback.tracker.log_epoch(run_id, self.metrics, self.step, self.timestamp_ms)
+        if self.tags:
+            callback.tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+
+
+def member_tags(result: dict[str, Any]) -> dict[str, str]:
+    """A PBT member's tags from its result: its schedule so far, and whom it copied when it just did
+    (``ssl_tune.exploit.epoch003``: ``copied trial <id> at epoch 3; set augment.strength=0.8``)."""
+    tags = {SCHEDULE_TAG: result[SCHEDULE]} if SCHEDULE in result else {}
+    if EXPLOIT in result:
+        event = json.loads(result[EXPLOIT])
+        changed = ", ".join(f"{key}={value}" for key, value in event["set"].items()) or "nothing"
+        tags[f"{EXPLOIT_TAG}.epoch{event['epoch']:03d}"] = (
+            f"copied trial {event['from']} at epoch {event['epoch']}; set {changed}")
+    return tags
 
 
 @dataclass
@@ -286,7 +306,8 @@ class MLflowSweepCallback(LoggerCallback):
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         self.log_trial_start(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._write(EpochLogged(trial.trial_id, numeric_metrics(result), step, int(result.get("timestamp", 0) * 1000)))
+        self._write(EpochLogged(trial.trial_id, numeric_metrics(result), step, int(result.get("timestamp", 0) * 1000),
+                                member_tags(result) or None))
 
     def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
         self.log_trial_start(trial)

@@ -14,6 +14,7 @@ reads either.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ssl_train.status import Status
 from ssl_train.training.distributed import build_trainer, checkpoint_state
 from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
 from tuning.confirm import CONFIRM_KEY
+from tuning.population import EXPLOIT, SCHEDULE, continue_lineage, donor_of
 from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
@@ -56,9 +58,16 @@ def objective_value(metrics: dict[str, Any], objective: str, previous: float) ->
 
 
 def run_trial(
-    params: dict[str, Any], *, base_config: dict[str, Any], objective: str, splits: DatasetSplits | None = None
+    params: dict[str, Any], *, base_config: dict[str, Any], objective: str, splits: DatasetSplits | None = None,
+    scheduled_keys: tuple[str, ...] = (),
 ) -> None:
-    """The Tune function trainable (see ``tune.with_parameters`` in :mod:`tuning.sweep`)."""
+    """The Tune function trainable (see ``tune.with_parameters`` in :mod:`tuning.sweep`).
+
+    With ``scheduled_keys`` (a PBT member), a checkpoint restored from another member's is an exploit: the member
+    continues that member's lineage with its own values of those keys from the checkpoint's epoch on
+    (:func:`~tuning.population.continue_lineage`); every result carries the lineage's ``schedule`` (JSON) and the
+    first one after an exploit says whom it copied (``exploit``), for MLflow.
+    """
     quiet_worker_logs()
     trial_dir = tune.get_context().get_trial_dir()
     config = trial_config(base_config, params, trial_dir)
@@ -68,18 +77,38 @@ def run_trial(
         _run_distributed(config, objective, trial_dir)
         return
 
+    checkpoint = tune.get_checkpoint()
+    state = checkpoint_state(checkpoint)
+    notes: dict[str, str] = {}
+    if scheduled_keys:
+        config, notes = _member_config(config, state, checkpoint, scheduled_keys)
     last = {"objective": 0.0}
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         last["objective"] = objective_value(metrics, objective, last["objective"])
-        result = {**metrics, OBJECTIVE: last["objective"]}
+        result = {**metrics, OBJECTIVE: last["objective"], **notes}
+        notes.pop(EXPLOIT, None)  # once, with the first epoch after it
         tune.report(result, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    state = checkpoint_state(tune.get_checkpoint())
     with tempfile.TemporaryDirectory(prefix="ssl-tune-trial-") as staging:
         # keep 1: tune.report has stored the checkpoint by the time the next one is written
         context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging), keep_checkpoints=1)
         train_loop(config, report, context, checkpoint=state, splits=splits)
+
+
+def _member_config(config: TrainConfig, state: dict[str, Any] | None, checkpoint: Checkpoint | None,
+                   keys: tuple[str, ...]) -> tuple[TrainConfig, dict[str, str]]:
+    """A PBT member's config (its lineage continued from a restored checkpoint) and the notes its results carry."""
+    notes: dict[str, str] = {}
+    if state is not None:
+        previous = from_dict(state["config"])
+        config = continue_lineage(previous, config, state["epoch"], keys)
+        donor = donor_of(checkpoint.path)
+        if donor != tune.get_context().get_trial_id():
+            step = config.schedule[-1].set if config.schedule and config.schedule[-1].epoch == state["epoch"] else {}
+            notes[EXPLOIT] = json.dumps({"from": donor, "epoch": state["epoch"], "set": step})
+    notes[SCHEDULE] = json.dumps([vars(step) for step in config.schedule])
+    return config, notes
 
 
 def _run_distributed(config: TrainConfig, objective: str, trial_dir: str) -> None:

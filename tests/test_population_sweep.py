@@ -1,0 +1,73 @@
+"""A PBT sweep end to end (--searcher pbt): real Ray Tune PBT, a real MLflow store, confirmation of the schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tuning.finish import finish_sweep
+from tuning.settings import SweepSettings
+from tuning.sweep import run_sweep
+from tuning.tracking import CANDIDATE_TAG, EXPLOIT_TAG, SCHEDULE_TAG, STAGE_TAG, SWEEP_TAG, TRIAL_TAG
+
+TINY = [
+    "data.source=digits", "data.image_size=8", "optim.batch_size=128", "optim.warmup_epochs=0", "eval.knn_k=20",
+    "backbone.width=8", "byol.projector_hidden_dim=64", "byol.predictor_hidden_dim=64", "byol.projector_out_dim=32",
+    "optim.epochs=4",
+]
+SPACE = """
+description: test population - the views and the lr, all schedulable
+params:
+  augment.strength: {uniform: [0.0, 1.5]}
+  augment.crop_scale: {choice: [[0.08, 1.0], [0.4, 1.0], [0.7, 1.0]]}
+  optim.lr: {loguniform: [5.0e-4, 8.0e-3]}
+"""
+
+
+def runs(client: MlflowClient, stage: str):
+    experiment = client.get_experiment_by_name("ssl-tune-test")
+    where = f"tags.`{SWEEP_TAG}` = 'pba' and tags.`{STAGE_TAG}` = '{stage}'"
+    return client.search_runs([experiment.experiment_id], where)
+
+
+@pytest.mark.slow  # 4 members x 4 epochs, then 3 configs x 2 seeds: a minute on 2 cores
+def test_a_pbt_sweep_learns_schedules_confirms_them_and_resumes_without_rerun(ray_cluster, tmp_path):
+    space = tmp_path / "pba.yaml"
+    space.write_text(SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = SweepSettings(space=str(space), overrides=TINY, trials=4, concurrency=2, searcher="pbt", perturb_every=1,
+                             name="pba", storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune-test",
+                             seed=1, confirm_top=2, confirm_seeds=2)
+    outcome = finish_sweep(settings, *run_sweep(settings))
+    client = MlflowClient(uri)
+    members = runs(client, "search")
+    assert len({run.data.tags[TRIAL_TAG] for run in members}) == len(members) == 4  # every member's run, once
+    schedules = {run.data.tags[TRIAL_TAG]: json.loads(run.data.tags[SCHEDULE_TAG]) for run in members}
+    exploits = {run.data.tags[TRIAL_TAG]: sorted(key for key in run.data.tags if key.startswith(EXPLOIT_TAG))
+                for run in members}
+    assert any(exploits.values())  # a perturbation every epoch: the bottom member copied the top one
+    for trial, steps in schedules.items():
+        assert not steps or exploits[trial], trial  # a schedule comes from copying another member
+        assert all(1 <= step["epoch"] <= 3 for step in steps) and all(run.data.params["augment.strength"] == "1.0"
+                                                                      for run in members)  # every member starts so
+    # Confirmation replays each chosen member's schedule against the start.
+    confirmed = runs(client, "confirm")
+    chosen = {run.data.tags[CANDIDATE_TAG] for run in confirmed}
+    assert "default" in chosen and len(chosen) >= 2
+    for run in confirmed:
+        candidate = run.data.tags[CANDIDATE_TAG]
+        replayed = yaml.safe_load(run.data.params["schedule"])
+        assert replayed == ([] if candidate == "default" else schedules[candidate.removeprefix("trial_")])
+    winner = client.get_run(outcome.parent_run_id).data.tags["ssl_tune.winner"]
+    best = yaml.safe_load(outcome.best_config_path.read_text())
+    assert best["schedule"] == ([] if winner == "default" else schedules[winner.removeprefix("trial_")])
+    # the winner's schedule, or the best scheduled member's
+    assert (outcome.path / "plots" / "schedule.png").is_file() == any(schedules.values())
+
+    again = SweepSettings(name="pba", storage=str(tmp_path / "sweeps"), tracking_uri=uri)
+    search, confirm = run_sweep(again, resume=True)
+    assert again.searcher == "pbt" and len(search) == 4
+    assert len(runs(client, "search")) == 4 and len(runs(client, "confirm")) == len(confirmed)  # nothing re-ran
