@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -71,3 +74,32 @@ def test_a_pbt_sweep_learns_schedules_confirms_them_and_resumes_without_rerun(ra
     search, confirm = run_sweep(again, resume=True)
     assert again.searcher == "pbt" and len(search) == 4
     assert len(runs(client, "search")) == 4 and len(runs(client, "confirm")) == len(confirmed)  # nothing re-ran
+
+
+@pytest.mark.slow  # a driver killed mid-search, then resumed: a minute and a half on 2 cores
+def test_a_killed_pbt_sweep_resumes_every_member_once(ray_cluster, tmp_path):
+    space = tmp_path / "pba.yaml"
+    space.write_text(SPACE)
+    db = tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "tuning.cli", "tune", "--searcher", "pbt", "--trials", "4", "--perturb-every",
+               "1", "--concurrency", "2", "--space", str(space), "--storage", str(tmp_path / "sweeps"),
+               "--tracking-uri", f"sqlite:///{db}", "--experiment", "ssl-tune-test", "--address", ray_cluster.address,
+               "--no-confirm", *sum((["--set", o] for o in TINY), [])]
+    first = subprocess.Popen([*command, "--name", "pba"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(f"sqlite:///{db}")
+    deadline = time.monotonic() + 300
+    while not (db.exists() and client.get_experiment_by_name("ssl-tune-test")
+               and any(run.data.metrics.get("epoch", 0) >= 2 for run in runs(client, "search"))):
+        assert time.monotonic() < deadline and first.poll() is None, "no member reached epoch 2"
+        time.sleep(0.5)
+    first.kill()
+    first.wait(timeout=60)
+
+    resumed = subprocess.run([*command, "--resume", "pba"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    members = runs(client, "search")
+    assert len({run.data.tags[TRIAL_TAG] for run in members}) == len(members) == 4
+    for run in members:
+        assert run.data.tags["ssl_tune.status"] == "finished" and run.data.metrics["epoch"] == 4
+        steps = json.loads(run.data.tags[SCHEDULE_TAG])
+        assert [step["epoch"] for step in steps] == sorted({step["epoch"] for step in steps})
