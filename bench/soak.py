@@ -165,9 +165,14 @@ def count_losses(sweep: Path, store: Any) -> dict:
     runs = search_runs(store)
     run_ids = Counter(run.data.tags[TRIAL_TAG] for run in runs)
     status = {run.data.tags[TRIAL_TAG]: run.data.tags.get(STATUS_TAG) for run in runs}
-    epochs_incomplete = 0
+    epochs_incomplete = failed_at_start = 0
     for run in runs:  # a finished trial has epochs 1..E, a stopped one 1..its last, each once
         steps = sorted(m.step for m in store.get_metric_history(run.info.run_id, "epoch"))
+        if status[run.data.tags[TRIAL_TAG]] == "failed" and not steps:
+            # Its node died while Tune started it: Tune retries running trials only, so it failed (in Tune, Optuna
+            # and MLflow alike) before any epoch. Reported, not lost; counted apart.
+            failed_at_start += 1
+            continue
         last = EPOCHS if status[run.data.tags[TRIAL_TAG]] == "finished" else (steps[-1] if steps else 0)
         epochs_incomplete += steps != list(range(1, last + 1)) or not steps
 
@@ -194,7 +199,7 @@ def count_losses(sweep: Path, store: Any) -> dict:
         "lost": len(tune_search - set(run_ids)) + len(tune_confirm - set(confirm_ids)),
         "doubled": sum(n - 1 for n in run_ids.values()) + sum(n - 1 for n in confirm_ids.values()),
         "unknown_to_tune": len(set(run_ids) - tune_search) + len(set(confirm_ids) - tune_confirm),
-        "epochs_incomplete": epochs_incomplete,
+        "epochs_incomplete": epochs_incomplete, "failed_at_start": failed_at_start,
         "study_missing": len(tune_search - set(study_ids)),
         "study_doubled": sum(n - 1 for n in study_ids.values()),
         "study_wrong_state": len(wrong), "wrong_states": wrong, "study_orphans_closed": len(orphans),
