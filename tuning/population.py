@@ -16,6 +16,7 @@ architecture or method are refused (:func:`check_schedulable`): search those wit
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,6 @@ def population_space(space: SearchSpace, start: dict[str, Any], members: int, ba
 
 def build_pbt(space: SearchSpace, metric: str, perturb_every: int, seed: int) -> PopulationBasedTraining:
     """PBT on the val objective ``metric``, perturbing every ``perturb_every`` epochs (``training_iteration``)."""
-    import random
-
     random.seed(seed)  # PBT explores with the random module: a seeded sweep explores the same way
     return PopulationBasedTraining(
         time_attr="training_iteration", metric=metric, mode="max", perturbation_interval=perturb_every,

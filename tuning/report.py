@@ -64,11 +64,6 @@ class SweepReport:
     def best(self) -> pd.Series:
         return self.table.iloc[0]
 
-    def default_trial(self) -> pd.Series | None:
-        """The trial that ran the base config (Optuna's enqueued first point), if it ran."""
-        rows = self.table[self.table["is_default"]]
-        return None if rows.empty else rows.iloc[0]
-
 
 def config_from_params(params: dict[str, str]) -> TrainConfig:
     """A trial's config from its MLflow params (the flattened config, every value as text)."""
