@@ -83,6 +83,10 @@ class Param:
         """True when every ``when`` key is already decided and has the required value."""
         return all(key in decided and decided[key] == value for key, value in (self.when or {}).items())
 
+    def choice_values(self) -> list[Any]:
+        """The choices as the config takes them (lists, not tuples), in the order the space lists them."""
+        return _thaw(self.choices)
+
     def draw(self, rng: random.Random) -> Any:
         """One value from a plain random generator (log-uniform: uniform in log space)."""
         if self.kind == "uniform":
@@ -371,8 +375,8 @@ def _parse_when(
         elif isinstance(key, str) and key in earlier:
             param = earlier[key]
             if param.kind == "choice":
-                if value not in [_thaw(choice) for choice in param.choices]:
-                    raise _error(source, path, f"{never}: {key} chooses from {_thaw(param.choices)}",
+                if value not in param.choice_values():
+                    raise _error(source, path, f"{never}: {key} chooses from {param.choice_values()}",
                                  "use one of those values")
             elif param.kind == "int":
                 if not (isinstance(value, int) and not isinstance(value, bool) and param.low <= value <= param.high):

@@ -437,12 +437,12 @@ def validate(c: TrainConfig) -> None:
 def _validate_schedule(c: TrainConfig) -> None:
     """Each step after the last, inside the run's epochs, changing only schedulable keys to values the config
     takes (checked on the values of that epoch, without the schedule: the check does not recurse)."""
-    values, last = dataclasses.replace(c, schedule=[]), 0
+    values, last, known = dataclasses.replace(c, schedule=[]), 0, c.flat()
     for i, step in enumerate(c.schedule):
         where = f"schedule[{i}]"
         _require(last < step.epoch < c.optim.epochs, f"{where}.epoch", step.epoch,
                  f"steps go in increasing epochs, each in [1, optim.epochs - 1 = {c.optim.epochs - 1}]")
-        fixed = [key for key in step.set if key in c.flat() and not schedulable(key)]  # unknown: replace says so
+        fixed = [key for key in step.set if key in known and not schedulable(key)]  # unknown: replace says so
         _require(not fixed, f"{where}.set", step.set,
                  f"'{fixed[0] if fixed else ''}' cannot change mid-run; a schedule changes the augment.* ops, "
                  f"{', '.join(sorted(SCHEDULABLE_KEYS))}")

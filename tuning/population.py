@@ -26,7 +26,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 
 from search_spaces import SearchSpace
 from search_spaces.loader import SearchSpaceError
-from ssl_train.config import TrainConfig, schedulable
+from ssl_train.config import SCHEDULABLE_KEYS, TrainConfig, schedulable
 
 POPULATION_SEARCHERS = ("pbt",)
 RESAMPLE_PROBABILITY = 0.25  # PBT's default (Jaderberg et al. 2017); PBA resamples with 0.2
@@ -41,8 +41,8 @@ def check_schedulable(space: SearchSpace) -> None:
         if not schedulable(param.path):
             raise SearchSpaceError(
                 f"{space.source}: {param.path}: cannot change mid-run, so --searcher pbt cannot search it (search it "
-                "with --searcher tpe, or move it under 'fixed:'; pbt searches the augment.* ops, optim.lr, "
-                "byol.tau_base, swav.epsilon and swav.temperature)")
+                "with --searcher tpe, or move it under 'fixed:'; pbt searches the augment.* ops, "
+                f"{', '.join(sorted(SCHEDULABLE_KEYS))})")
         if param.when:
             raise SearchSpaceError(f"{space.source}: {param.path}: --searcher pbt explores every knob at once and "
                                    "has no conditions (drop 'when:', or use --searcher tpe)")
@@ -59,7 +59,7 @@ def mutations(space: SearchSpace) -> dict[str, Any]:
         elif param.kind == "int":
             domains[param.path] = tune.randint(param.low, param.high + 1)
         else:
-            domains[param.path] = [json.loads(json.dumps(choice)) for choice in param.choices]  # tuples -> lists
+            domains[param.path] = param.choice_values()
     return domains
 
 

@@ -27,6 +27,7 @@ from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
 from ssl_train.status import Status  # noqa: E402
 from tuning.confirm import Confirmation, metric_on_test  # noqa: E402
+from tuning.population import POPULATION_SEARCHERS  # noqa: E402
 from tuning.settings import SweepSettings, confirmation_looks  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
@@ -180,9 +181,9 @@ def format_table(report: SweepReport, top: int = 10) -> str:
     columns = ["trial", OBJECTIVE, OBJECTIVE_SE, "epochs", "status", *report.space.searched_keys(), "schedule"]
     shown = report.table[[c for c in columns if c in report.table]].head(top).copy()
     if "schedule" in shown:  # a PBT search: every member starts at the same values; what differs is its schedule
-        shown = shown.drop(columns=report.space.searched_keys())
         keys = report.space.searched_keys()
-        shown["schedule"] = [recipe_change(report.configs[run], report.configs[run], keys)
+        shown = shown.drop(columns=keys)
+        shown["schedule"] = [", ".join(_schedule_changes(report.configs[run], keys)) or "nothing"
                              for run in report.table["run_id"].head(top)]
     if OBJECTIVE_SE in shown:
         shown.insert(1, "", np.where(within_noise_of_best(shown), "~best", ""))
@@ -222,11 +223,16 @@ SHORT_NAMES = {"crop_scale": "crop", "tau_base": "tau", "strength": "augmentatio
 def recipe_change(start: TrainConfig, winner: TrainConfig, keys: list[str]) -> str:
     """What the winner changes in the start, in words, over the searched ``keys``: ``flips off, crop 0.4-1 instead
     of 0.08-1, lr 0.004 instead of 0.002``; ``nothing`` when they agree."""
-    changes = _changes(start.flat(), winner.flat(), keys)
-    for step in winner.schedule:
-        during = _changes(winner.at_epoch(step.epoch - 1).flat(), winner.at_epoch(step.epoch).flat(), keys)
+    return ", ".join(_changes(start.flat(), winner.flat(), keys) + _schedule_changes(winner, keys)) or "nothing"
+
+
+def _schedule_changes(config: TrainConfig, keys: list[str]) -> list[str]:
+    """Each step of ``config``'s schedule in words: ``after epoch 2: flips off``."""
+    changes = []
+    for step in config.schedule:
+        during = _changes(config.at_epoch(step.epoch - 1).flat(), config.at_epoch(step.epoch).flat(), keys)
         changes.append(f"after epoch {step.epoch}: {', '.join(during) or 'the same'}")
-    return ", ".join(changes) or "nothing"
+    return changes
 
 
 def _changes(before: dict[str, Any], after: dict[str, Any], keys: list[str]) -> list[str]:
@@ -252,7 +258,7 @@ def _words(value: Any) -> str:
 def load_study(report: SweepReport, tracking_uri: str) -> optuna.Study | None:
     """The sweep's persisted Optuna study: ``<storage>/<sweep>/optuna.db``, or the copy on the parent run; None for
     a PBT search, which has none."""
-    if report.parent_params.get("sweep.searcher") == "pbt":
+    if report.parent_params.get("sweep.searcher") in POPULATION_SEARCHERS:
         return None
     local = Path(report.parent_params.get("sweep.storage", "runs/sweeps")).expanduser() / report.name / "optuna.db"
     if not local.is_file():
