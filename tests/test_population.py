@@ -17,6 +17,7 @@ from tuning.confirm import DEFAULT_CANDIDATE, candidates
 from tuning.population import (
     EXPLOIT,
     SCHEDULE,
+    build_pbt,
     check_schedulable,
     clip_to_space,
     continue_lineage,
@@ -169,3 +170,13 @@ def test_a_schedule_in_words_and_as_a_plot(tmp_path):
         "after epoch 2: flips off, after epoch 4: lr 0.004 instead of 0.002")
     path = plot_schedule(winner, ["augment.flip_p", "optim.lr", "augment.strength"], tmp_path / "s.png")
     assert path.stat().st_size > 1000
+
+
+def test_no_member_is_exploited_at_its_last_epoch(space):
+    """Copied weights at the last epoch would train no further: the member would end on another's checkpoint with
+    a schedule step past its run (once a resumed sweep failed so). PBT lets it finish on its own result instead."""
+    pbt = build_pbt(space, "objective", perturb_every=1, epochs=4, seed=0)
+    # Ray's PBT would look the trial up and perturb (interval reached); no trial or controller is needed to finish
+    assert pbt.on_trial_result(None, None, {"training_iteration": 4, "objective": 0.1}) == pbt.CONTINUE
+    with pytest.raises(KeyError):  # before the last epoch it is Ray's PBT: an unknown trial is an error
+        pbt.on_trial_result(None, None, {"training_iteration": 3, "objective": 0.1})

@@ -83,11 +83,26 @@ def population_space(space: SearchSpace, start: dict[str, Any], members: int, ba
     return {**values, "seed": tune.grid_search([base_seed + member for member in range(members)])}
 
 
-def build_pbt(space: SearchSpace, metric: str, perturb_every: int, seed: int) -> PopulationBasedTraining:
-    """PBT on the val objective ``metric``, perturbing every ``perturb_every`` epochs (``training_iteration``)."""
+class FinalEpochPBT(PopulationBasedTraining):
+    """Ray's PBT, but no exploit on a member's last epoch: weights copied then would train no further, and a member
+    ends on the checkpoint its own last result scored."""
+
+    def __init__(self, epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:  # noqa: D102
+        if result.get(self._time_attr, 0) >= self.epochs:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+def build_pbt(space: SearchSpace, metric: str, perturb_every: int, epochs: int, seed: int) -> FinalEpochPBT:
+    """PBT on the val objective ``metric``, perturbing every ``perturb_every`` epochs (``training_iteration``) before
+    the last of ``epochs``."""
     random.seed(seed)  # PBT explores with the random module: a seeded sweep explores the same way
-    return PopulationBasedTraining(
-        time_attr="training_iteration", metric=metric, mode="max", perturbation_interval=perturb_every,
+    return FinalEpochPBT(
+        epochs, time_attr="training_iteration", metric=metric, mode="max", perturbation_interval=perturb_every,
         hyperparam_mutations=mutations(space), quantile_fraction=QUANTILE, resample_probability=RESAMPLE_PROBABILITY,
         custom_explore_fn=clip_to_space(space),
     )

@@ -313,12 +313,12 @@ def _search_tuner(stage: _Stage, name: str, storage: str, trials: int, enqueue_d
 def _population_tuner(stage: _Stage, name: str, storage: str) -> tune.Tuner:
     """PBT over ``--trials`` members, all starting from the default's values (:mod:`tuning.population`)."""
     settings = stage.settings
-    start = base_values(stage.base.replace(stage.space.fixed))
+    recipe = stage.base.replace(stage.space.fixed)
     return tune.Tuner(
         stage.trainable(),
-        param_space=population_space(stage.space, start, settings.trials, stage.base.seed),
+        param_space=population_space(stage.space, base_values(recipe), settings.trials, stage.base.seed),
         tune_config=tune.TuneConfig(
-            scheduler=build_pbt(stage.space, OBJECTIVE, settings.perturb_every, settings.seed),
+            scheduler=build_pbt(stage.space, OBJECTIVE, settings.perturb_every, recipe.optim.epochs, settings.seed),
             num_samples=1,
             max_concurrent_trials=settings.concurrency,
             time_budget_s=settings.time_budget_s,
