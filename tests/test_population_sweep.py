@@ -44,7 +44,10 @@ def test_a_pbt_sweep_learns_schedules_confirms_them_and_resumes_without_rerun(ra
     settings = SweepSettings(space=str(space), overrides=TINY, trials=4, concurrency=2, searcher="pbt", perturb_every=1,
                              name="pba", storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune-test",
                              seed=1, confirm_top=2, confirm_seeds=2)
-    outcome = finish_sweep(settings, *run_sweep(settings))
+    search, confirm = run_sweep(settings)
+    # 4 members on 2 slots: each was paused at a perturbation while others waited (the population advances together)
+    assert all(r.metrics["iterations_since_restore"] < r.metrics["training_iteration"] == 4 for r in search)
+    outcome = finish_sweep(settings, search, confirm)
     client = MlflowClient(uri)
     members = runs(client, "search")
     assert len({run.data.tags[TRIAL_TAG] for run in members}) == len(members) == 4  # every member's run, once
@@ -103,3 +106,28 @@ def test_a_killed_pbt_sweep_resumes_every_member_once(ray_cluster, tmp_path):
         assert run.data.tags["ssl_tune.status"] == "finished" and run.data.metrics["epoch"] == 4
         steps = json.loads(run.data.tags[SCHEDULE_TAG])
         assert [step["epoch"] for step in steps] == sorted({step["epoch"] for step in steps})
+
+
+@pytest.mark.slow  # 4 two-worker members, 4 epochs: three minutes on 2 cores
+def test_two_worker_members_continue_their_own_and_copied_train_state(ray_cluster, tmp_path):
+    """An elastic-size member runs a TorchTrainer; Tune holds its checkpoints, so PBT can pause and copy it."""
+    space = tmp_path / "pba.yaml"
+    space.write_text(SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    two_workers = ["scaling.min_workers=2", "scaling.max_workers=2", "scaling.cpus_per_worker=0.4"]
+    settings = SweepSettings(space=str(space), overrides=[*TINY, *two_workers], trials=4, concurrency=2,
+                             searcher="pbt", perturb_every=1, name="pba", storage=str(tmp_path / "sweeps"),
+                             tracking_uri=uri, experiment="ssl-tune-test", seed=1, confirm=False)
+    search, _ = run_sweep(settings)
+    for result in search:  # paused or copied along the way, yet 4 epochs each: every restart continued
+        assert result.metrics["epoch"] == result.metrics["training_iteration"] == 4 and result.metrics["workers"] == 2
+        assert result.checkpoint is not None  # Tune's own copy, which PBT may hand to another member
+    members = runs(MlflowClient(uri), "search")
+    assert len(members) == 4 and all(run.data.tags["ssl_tune.status"] == "finished" for run in members)
+    exploits = [(run.data.tags[TRIAL_TAG], value) for run in members
+                for key, value in run.data.tags.items() if key.startswith(EXPLOIT_TAG)]
+    assert exploits  # a perturbation every epoch: a bottom member copied a top one
+    for trial, note in exploits:  # and its next Train run started from the donor's checkpoint
+        donor = note.split()[2]
+        train_runs = [path.name for path in (tmp_path / "sweeps" / "pba" / f"trial_{trial}" / "ray-train").iterdir()]
+        assert any(name.startswith(f"from-trial_{donor}-checkpoint_") for name in train_runs), (note, train_runs)

@@ -125,7 +125,8 @@ def _add_tune(commands: Any) -> None:
                       f"default: the --config's, or {DEMO_SWEEP_EPOCHS} for the embedded demo)")
     tune.add_argument("--min-epochs", type=int, help="epochs before ASHA may prune a trial (default: half the "
                       "trials' epochs, rounded up, at least 2; bench/asha_rungs.py says why)")
-    tune.add_argument("--concurrency", type=int, default=2, help="trials running at once")
+    tune.add_argument("--concurrency", type=int, default=2,
+                      help="trials running at once (--searcher pbt: as many members as the cluster holds)")
     tune.add_argument("--searcher", choices=["tpe", "random", "pbt"], default="tpe",
                       help="tpe (Optuna, with --scheduler), random, or pbt: a population that learns an augmentation "
                            "schedule (PBA; --trials members, --scheduler unused)")

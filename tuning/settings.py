@@ -123,7 +123,7 @@ def check_settings(settings: SweepSettings, resume: bool) -> tuple[SweepSettings
 
 
 def check_population(settings: SweepSettings, base: TrainConfig, space: SearchSpace) -> None:
-    """A PBT search: schedulable knobs only, one-worker members, at least 4 of them, a perturbation inside the run;
+    """A PBT search: schedulable knobs only, at least 4 members, a perturbation inside the run;
     ``perturb_every`` set to its default when not given."""
     from tuning.population import check_schedulable
 
@@ -136,9 +136,6 @@ def check_population(settings: SweepSettings, base: TrainConfig, space: SearchSp
     if settings.trials < 4:
         raise ConfigError(f"--trials {settings.trials}: --searcher pbt needs a population of at least 4 members (the "
                           "bottom quarter copies the top quarter); PBA used 16")
-    if base.scaling.max_workers > 1:
-        raise ConfigError(f"scaling.max_workers={base.scaling.max_workers}: --searcher pbt trains one-worker members "
-                          "(a member's copied state restarts it); set scaling.max_workers=1, or use --searcher tpe")
 
 
 AUTO_SEEDS = "auto"

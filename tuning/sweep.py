@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -314,15 +315,21 @@ def _population_tuner(stage: _Stage, name: str, storage: str) -> tune.Tuner:
     """PBT over ``--trials`` members, all starting from the default's values (:mod:`tuning.population`)."""
     settings = stage.settings
     recipe = stage.base.replace(stage.space.fixed)
+    # Multi-worker members are not reused (below); Tune's hint to reuse them is not for the user to act on.
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     return tune.Tuner(
         stage.trainable(),
         param_space=population_space(stage.space, base_values(recipe), settings.trials, stage.base.seed),
         tune_config=tune.TuneConfig(
             scheduler=build_pbt(stage.space, OBJECTIVE, settings.perturb_every, recipe.optim.epochs, settings.seed),
             num_samples=1,
-            max_concurrent_trials=settings.concurrency,
+            # No max_concurrent_trials: Tune would then create members only as slots free, and a member would compete
+            # with the ones running beside it, not the population. All exist from the start; PBT pauses each at its
+            # perturbation while others wait, so the population advances together, as many at once as the cluster
+            # holds.
             time_budget_s=settings.time_budget_s,
-            reuse_actors=True,
+            # a paused multi-worker member's process must end: its Train run goes with it
+            reuse_actors=recipe.scaling.max_workers == 1,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=stage.run_config(name, storage, "search"),

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.train.v2.api.callback import UserCallback
 from ray.tune import Checkpoint
+from ray.util.queue import Empty, Queue
 
 from ssl_train.config import TrainConfig, from_dict
 from ssl_train.data import DatasetSplits
 from ssl_train.status import Status
-from ssl_train.training.distributed import build_trainer, checkpoint_state
+from ssl_train.training.distributed import build_trainer, checkpoint_state, fit_in_background
 from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
 from tuning.confirm import CONFIRM_KEY
 from tuning.population import EXPLOIT, SCHEDULE, continue_lineage, donor_of
@@ -73,7 +75,7 @@ def run_trial(
     config = trial_config(base_config, params, trial_dir)
     if splits is not None and config.data != from_dict(base_config).data:
         splits = None  # the trial searches a data setting: load its own
-    if config.scaling.max_workers > 1:
+    if config.scaling.max_workers > 1 and not scheduled_keys:
         _run_distributed(config, objective, trial_dir)
         return
 
@@ -82,18 +84,32 @@ def run_trial(
     notes: dict[str, str] = {}
     if scheduled_keys:
         config, notes = _member_config(config, state, checkpoint, scheduled_keys)
-    last = {"objective": 0.0}
+    report = TuneReport(objective, notes)
+    if config.scaling.max_workers > 1:
+        _run_distributed_member(config, report, trial_dir, checkpoint)
+        return
 
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        last["objective"] = objective_value(metrics, objective, last["objective"])
-        result = {**metrics, OBJECTIVE: last["objective"], **notes}
-        notes.pop(EXPLOIT, None)  # once, with the first epoch after it
-        tune.report(result, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+    def report_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        report(metrics, Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     with tempfile.TemporaryDirectory(prefix="ssl-tune-trial-") as staging:
         # keep 1: tune.report has stored the checkpoint by the time the next one is written
         context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging), keep_checkpoints=1)
-        train_loop(config, report, context, checkpoint=state, splits=splits)
+        train_loop(config, report_epoch, context, checkpoint=state, splits=splits)
+
+
+class TuneReport:
+    """Reports a trial's epoch to Tune: its metrics, the objective (the last one where an epoch has none) and a PBT
+    member's notes (the exploit note once, with the first epoch after it)."""
+
+    def __init__(self, objective: str, notes: dict[str, str]) -> None:
+        self.objective, self.notes, self.last = objective, notes, 0.0
+
+    def __call__(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        self.last = objective_value(metrics, self.objective, self.last)
+        result = {**metrics, OBJECTIVE: self.last, **self.notes}
+        self.notes.pop(EXPLOIT, None)
+        tune.report(result, checkpoint=checkpoint)
 
 
 def _member_config(config: TrainConfig, state: dict[str, Any] | None, checkpoint: Checkpoint | None,
@@ -131,3 +147,40 @@ def _run_distributed(config: TrainConfig, objective: str, trial_dir: str) -> Non
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+class _QueuedReports(UserCallback):
+    """Ray Train's reports (rank 0's metrics, the checkpoint's path) into a queue that the Tune trial reads."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001 - Ray's signature
+        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+
+def _run_distributed_member(config: TrainConfig, report: TuneReport, trial_dir: str, restored: Checkpoint | None,
+                            ) -> None:
+    """A multi-worker (elastic) PBT member: a TorchTrainer whose every epoch this trial reports to Tune with its
+    checkpoint (PBT copies Tune's checkpoints; TuneReportCallback hands over a path only), the next epoch waiting
+    until Tune has taken it (PBT pauses or copies a member between epochs).
+
+    A restored member (its own checkpoint after a pause, or another's after an exploit) starts a Train run of its own,
+    named after that checkpoint, from it: Train's runs resume only their own checkpoints.
+    """
+    reports, taken = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
+    name = "train" if restored is None else "from-" + "-".join(Path(restored.path).parts[-2:])
+    trainer = build_trainer(
+        config, name=name, storage=str(Path(trial_dir) / "ray-train"), callbacks=[_QueuedReports(reports)],
+        resume_from=Path(restored.path) if restored else None, paced=taken,
+    )
+    runner, ended = fit_in_background(trainer)
+    while runner.is_alive() or reports.qsize():
+        try:
+            metrics, path = reports.get(timeout=1.0)
+        except Empty:
+            continue
+        report(metrics, path and Checkpoint(path))  # a paused member's process ends here, its Train run with it
+        taken.put(True)
+    if "error" in ended or ended["result"].error is not None:
+        raise ended.get("error") or ended["result"].error

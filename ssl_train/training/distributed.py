@@ -73,12 +73,15 @@ def _worker_loop(loop_config: dict[str, Any]) -> RunOutcome:
 
     rank = context.get_world_rank()
     progress: Queue | None = loop_config.get("progress")
+    paced: Queue | None = loop_config.get("paced")
     streamed = streamed_rows(ray.train.get_dataset_shard(SSL_DATASET)) if config.data.streaming else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if rank == 0 and progress is not None:
             progress.put(metrics)  # after report: the driver hears of an epoch once its checkpoint is stored
+        if rank == 0 and paced is not None:
+            paced.get()  # the next epoch waits until the driver has acted on this one (the others wait for rank 0)
 
     with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as staging:
         worker = WorkerContext(
@@ -100,12 +103,14 @@ def build_trainer(
     resume_from: Path | None = None,
     callbacks: Sequence[Any] = (),
     progress: Queue | None = None,
+    paced: Queue | None = None,
     keep_checkpoints: int = 2,
 ) -> TorchTrainer:
     """A TorchTrainer running :func:`train_loop` for ``config`` (used by ``fit`` and by multi-worker Tune trials).
 
-    ``progress``, when given, receives rank 0's metrics after every epoch. With ``data.streaming``
-    the SSL-train rows reach the workers as a Ray Dataset split over them. Ray keeps the newest
+    ``progress``, when given, receives rank 0's metrics after every epoch; with ``paced``, rank 0 then waits for an
+    item in it before the next epoch (a PBT member: Tune decides on each epoch before the next trains). With
+    ``data.streaming`` the SSL-train rows reach the workers as a Ray Dataset split over them. Ray keeps the newest
     ``keep_checkpoints`` checkpoints in ``storage``.
     """
     streaming = config.data.streaming
@@ -115,6 +120,7 @@ def build_trainer(
             "config": config.to_dict(),
             "resume_from": str(resume_from) if resume_from else None,
             "progress": progress,
+            "paced": paced,
         },
         scaling_config=scaling_config(config),
         datasets={SSL_DATASET: ssl_dataset(config.data)} if streaming else None,
@@ -182,6 +188,22 @@ def _relay(progress: Queue, record: Reporter, wait_s: float) -> None:
         return
 
 
+def fit_in_background(trainer: TorchTrainer) -> tuple[threading.Thread, dict[str, Any]]:
+    """``trainer.fit()`` in a daemon thread, so that the caller relays its reports and Ctrl-C still ends the process;
+    the dict receives the ``result``, or the ``error`` it raised."""
+    ended: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            ended["result"] = trainer.fit()
+        except BaseException as error:  # handed to the calling thread
+            ended["error"] = error
+
+    runner = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    runner.start()
+    return runner, ended
+
+
 def fit(
     config: TrainConfig, record: Reporter, *, resume_from: Path | None = None, address: str | None = None
 ) -> RunOutcome:
@@ -206,17 +228,7 @@ def fit(
         resume_from=resume_from,
         progress=progress,
     )
-    ended: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            ended["result"] = trainer.fit()
-        except BaseException as error:  # handed to the calling thread below
-            ended["error"] = error
-
-    # fit() runs in a daemon thread so that this one relays progress and Ctrl-C still ends the process.
-    runner = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-    runner.start()
+    runner, ended = fit_in_background(trainer)
     while runner.is_alive():
         _relay(progress, record, wait_s=1.0)
     _relay(progress, record, wait_s=0)
