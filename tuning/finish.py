@@ -48,15 +48,19 @@ BASELINE_KEYS = ("raw_pixels", "random_init")  # the MLflow names of what baseli
 
 
 def baselines(base: TrainConfig, splits: Any, seeds: int, objective: str) -> dict[str, tuple[float, float]]:
-    """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds)."""
+    """What SSL must beat, on the same test split: kNN on raw pixels, and the backbone at random init (S seeds),
+    its features computed as the runs' are (bf16 where they train in bf16)."""
+    import torch
+
     from ssl_train.evaluation.evaluate import evaluate_backbone
     from ssl_train.evaluation.knn import knn_protocol, pixel_knn_accuracy
-    from ssl_train.training.loop import build_model
+    from ssl_train.training.loop import build_model, uses_bf16
 
     protocol = knn_protocol(base.eval, splits.eval_train.labels)
+    bf16 = uses_bf16(base, torch.device("cpu"))
     random_init = [
         evaluate_backbone(build_model(base.replace({"seed": base.seed + index})).backbone, splits, base.eval,
-                          split="test")[f"test_{objective}"]
+                          split="test", bf16=bf16)[f"test_{objective}"]
         for index in range(seeds)
     ]
     return {f"raw pixels ({protocol})": (pixel_knn_accuracy(splits, base.eval), 0.0),
