@@ -3,9 +3,10 @@
 A one-worker trial runs the train loop right in the trial process and reports with
 ``ray.tune.report`` (no worker group to start: ~25 s saved per trial on a small machine).
 A trial that asks for 2+ workers runs a Ray Train ``TorchTrainer`` inside the trial and
-forwards its reports with ``TuneReportCallback``; the trial itself then holds only a sliver
-of a CPU. Either way the trial reports ``objective``: the held-out accuracy (or, with ``rankme``, the val
-RankMe, which needs no labels), or 0 for a diverged or collapsed run, which also ends the trial early.
+forwards its reports with ``TuneReportCallback`` (a PBT member: with its checkpoints, which PBT copies, see
+:func:`_run_distributed_member`); the trial itself then holds only a sliver of a CPU. Either way the trial reports
+``objective``: the held-out accuracy (or, with ``rankme``, the val RankMe, which needs no labels), or 0 for a
+diverged or collapsed run, which also ends the trial early.
 
 A search trial's params are the searcher's dotted overrides; a confirmation trial's params hold one
 ``confirm`` entry (candidate, seed, overrides; see :mod:`tuning.confirm`). :func:`trial_overrides`
