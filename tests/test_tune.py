@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -30,7 +31,7 @@ from tuning.cli_args import (
     build_parser,
 )
 from tuning.finish import finish_sweep
-from tuning.interrupt import TrialsNeverStarted
+from tuning.interrupt import ExperimentStateCopy, TrialsNeverStarted, repair_experiment_state
 from tuning.report import load_report
 from tuning.settings import SweepSettings, default_min_epochs
 from tuning.sweep import run_sweep
@@ -349,6 +350,9 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tmp_
     log.close()
     if stop_signal != signal.SIGKILL:
         assert "ssl-tune tune --resume crashy" in (tmp_path / "first.log").read_text()
+    else:  # killed while Tune rewrote its state file, which it does in place: the file is cut off (seen in CI)
+        state = sorted((tmp_path / "sweeps" / "crashy").glob("experiment_state-*.json"))[-1]
+        state.write_bytes(state.read_bytes()[:100])
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     finished_before = {
@@ -361,6 +365,8 @@ def test_interrupted_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tmp_
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "search trials of crashy" in resumed.stdout
+    assert ("was cut off when the sweep stopped: restored its last complete copy" in resumed.stdout) == (
+        stop_signal == signal.SIGKILL)
 
     runs = children(client, "crashy")
     trial_ids = [r.data.tags[TRIAL_TAG] for r in runs]
@@ -607,3 +613,21 @@ def test_auto_confirmation_adds_a_round_of_seeds_for_the_winner_and_the_start(ra
     assert len(confirmed) == 8  # 2 configs x 3 seeds, then 2 x 1: no run twice
     assert "seeds: 4 of at most 4; stopped: " in outcome.confirmation_text
     assert "O'Brien-Fleming alpha spending, look " in outcome.confirmation_text
+
+
+def test_a_cut_off_tune_state_is_put_back_from_its_complete_copy(tmp_path):
+    """Tune rewrites experiment_state-*.json in place; ExperimentStateCopy keeps the last complete one beside it."""
+    state = tmp_path / "experiment_state-2026-12-06_10-00-00.json"
+    copier = ExperimentStateCopy(str(tmp_path))
+    state.write_text('{"trial_data": [1]}')
+    copier.on_step_end(0, [])
+    state.write_text('{"trial_data": [1, 2')  # being written when the step looked: not copied
+    copier.on_step_end(1, [])
+    assert json.loads((tmp_path / f"{state.name}.complete").read_text()) == {"trial_data": [1]}
+    assert repair_experiment_state(str(tmp_path)) == (f"{state.name} was cut off when the sweep stopped: restored its "
+                                                      "last complete copy (trials that ran after it continue from "
+                                                      "their checkpoints)")
+    assert json.loads(state.read_text()) == {"trial_data": [1]} and repair_experiment_state(str(tmp_path)) is None
+    state.write_text("")  # cut off again, with no copy left
+    with pytest.raises(RuntimeError, match="no complete copy exists; start a new sweep"):
+        repair_experiment_state(str(tmp_path))

@@ -1,11 +1,13 @@
-"""Stopping a sweep well: Ctrl-C and SIGTERM stop it resumably, and a stage none of whose trials starts fails
-with a line that says what to do."""
+"""Stopping a sweep well: Ctrl-C and SIGTERM stop it resumably, a stage none of whose trials starts fails with a
+line that says what to do, and a driver killed while Tune writes its state still resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -47,6 +49,62 @@ class StartWatchdog(tune.Callback):
                 f"CPUs free). If the cluster is busy or scaling up, raise --start-timeout (0 waits forever); if this "
                 "Python process ran streamed training (Ray Data) before, start the sweep from a fresh process "
                 "(`ssl-tune tune`). The sweep resumes with --resume NAME")
+
+
+STATE_FILES = "experiment_state-*.json"  # Tune's record of an experiment; the newest is what a restore reads
+COMPLETE_COPY = ".complete"  # the suffix of ExperimentStateCopy's copy (not matched by STATE_FILES)
+
+
+def _newest_state(experiment: Path) -> Path | None:
+    files = sorted(experiment.glob(STATE_FILES))  # named by session start time: the last is the newest
+    return files[-1] if files else None
+
+
+def _is_complete(text: bytes) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+class ExperimentStateCopy(tune.Callback):
+    """Keeps a copy of the Tune experiment's newest complete state file beside it (a local experiment folder).
+
+    Tune rewrites that file in place; a driver killed while it is written leaves it cut off, and the sweep could not
+    resume (seen once in CI: an empty file after a SIGKILL). :func:`repair_experiment_state` puts the copy back.
+    """
+
+    def __init__(self, experiment: str) -> None:
+        self.experiment = None if "://" in experiment else Path(experiment)
+        self.copied: tuple[str, int] | None = None
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        newest = _newest_state(self.experiment) if self.experiment and self.experiment.is_dir() else None
+        if newest is None or (stamp := (newest.name, newest.stat().st_mtime_ns)) == self.copied:
+            return
+        text = newest.read_bytes()
+        if _is_complete(text):  # else it is being written: a later step copies it
+            staged = newest.with_name(newest.name + ".partial")
+            staged.write_bytes(text)
+            os.replace(staged, newest.with_name(newest.name + COMPLETE_COPY))
+            self.copied = stamp
+
+
+def repair_experiment_state(experiment: str) -> str | None:
+    """Before a restore: put back the complete copy of a state file that a kill cut off; a line saying so, or None
+    when there was nothing to repair. A cut-off file without a copy is refused with what to do."""
+    folder = None if "://" in experiment else Path(experiment)
+    newest = _newest_state(folder) if folder and folder.is_dir() else None
+    if newest is None or _is_complete(newest.read_bytes()):
+        return None
+    copy = newest.with_name(newest.name + COMPLETE_COPY)
+    if not copy.is_file():
+        raise RuntimeError(f"{newest}: Tune's record of this sweep was cut off when it stopped, and no complete copy "
+                           "exists; start a new sweep (MLflow and the Optuna study keep what ran)")
+    os.replace(copy, newest)
+    return (f"{newest.name} was cut off when the sweep stopped: restored its last complete copy (trials that ran "
+            "after it continue from their checkpoints)")
 
 
 class Interruption:

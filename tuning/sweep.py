@@ -30,7 +30,7 @@ from ssl_train.config import ConfigError, TrainConfig
 from ssl_train.data import load_splits
 from ssl_train.training.distributed import check_capacity, ensure_ray
 from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
-from tuning.interrupt import Interruption, StartWatchdog
+from tuning.interrupt import ExperimentStateCopy, Interruption, StartWatchdog, repair_experiment_state
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.population import POPULATION_SEARCHERS, build_pbt, population_space
 from tuning.progress import CompactReporter, hold_notices, log_to_file
@@ -168,7 +168,8 @@ class _Stage:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
             # a trial whose node left (or whose process died) restarts from its last checkpoint
             failure_config=tune.FailureConfig(max_failures=self.base.scaling.max_failures),
-            callbacks=[self.callback(stage, name), StartWatchdog(settings.start_timeout_s)],
+            callbacks=[self.callback(stage, name), StartWatchdog(settings.start_timeout_s),
+                       ExperimentStateCopy(f"{storage.rstrip('/')}/{name}")],
             verbose=1,
             progress_reporter=CompactReporter(OBJECTIVE, _search_label if stage == "search" else _confirm_label,
                                               settings.objective, only_unfinished=stage != "search"),
@@ -248,6 +249,7 @@ def run_sweep(
         # A search trial that errored stays so: the study has been told FAIL and cannot take it back, so running it
         # again would leave Tune and MLflow saying one thing and Optuna another (the soak caught it: a node's death
         # counted twice ended a trial at once). Confirmation runs, which no study records, are re-run.
+        _repair(experiments)
         tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=False)
                   for where in experiments]
         if not stage.population:  # a PBT search has no study
@@ -282,6 +284,13 @@ def _close_orphans(name: str, path: Path, experiments: list[str]) -> None:
 
     recorded = {trial.trial_id for where in experiments for trial in tune.ExperimentAnalysis(where).trials}
     close_orphans(optuna.load_study(study_name=name, storage=study_storage(path)), recorded)
+
+
+def _repair(experiments: list[str]) -> None:
+    """Put back the complete copy of any Tune state file that the stop cut off (:func:`repair_experiment_state`)."""
+    for where in experiments:
+        if note := repair_experiment_state(where):
+            print(note)
 
 
 def _interrupted(interruption: Interruption | None) -> bool:
@@ -367,6 +376,7 @@ def _confirmation_round(stage: _Stage, name: str, grid: list[dict[str, Any]]) ->
     """One round of confirmation runs as a Tune experiment (restored when it exists)."""
     settings, where = stage.settings, tune_path(stage.settings, name)
     if tune.Tuner.can_restore(where):
+        _repair([where])
         return tune.Tuner.restore(where, stage.trainable("confirm"), resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         stage.trainable("confirm"),
