@@ -55,8 +55,10 @@ STATE_FILES = "experiment_state-*.json"  # Tune's record of an experiment; the n
 COMPLETE_COPY = ".complete"  # the suffix of ExperimentStateCopy's copy (not matched by STATE_FILES)
 
 
-def _newest_state(experiment: Path) -> Path | None:
-    files = sorted(experiment.glob(STATE_FILES))  # named by session start time: the last is the newest
+def _newest_state(experiment: str) -> Path | None:
+    """The newest state file of a local experiment folder; None for a storage URI or a folder not yet written."""
+    folder = None if "://" in experiment else Path(experiment)
+    files = sorted(folder.glob(STATE_FILES)) if folder and folder.is_dir() else []  # named by session start time
     return files[-1] if files else None
 
 
@@ -76,11 +78,11 @@ class ExperimentStateCopy(tune.Callback):
     """
 
     def __init__(self, experiment: str) -> None:
-        self.experiment = None if "://" in experiment else Path(experiment)
+        self.experiment = experiment
         self.copied: tuple[str, int] | None = None
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        newest = _newest_state(self.experiment) if self.experiment and self.experiment.is_dir() else None
+        newest = _newest_state(self.experiment)
         if newest is None or (stamp := (newest.name, newest.stat().st_mtime_ns)) == self.copied:
             return
         text = newest.read_bytes()
@@ -94,8 +96,7 @@ class ExperimentStateCopy(tune.Callback):
 def repair_experiment_state(experiment: str) -> str | None:
     """Before a restore: put back the complete copy of a state file that a kill cut off; a line saying so, or None
     when there was nothing to repair. A cut-off file without a copy is refused with what to do."""
-    folder = None if "://" in experiment else Path(experiment)
-    newest = _newest_state(folder) if folder and folder.is_dir() else None
+    newest = _newest_state(experiment)
     if newest is None or _is_complete(newest.read_bytes()):
         return None
     copy = newest.with_name(newest.name + COMPLETE_COPY)
