@@ -13,6 +13,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -28,6 +29,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...
 
 TRIAL_ATTR = "ray_trial_id"  # the study trial's Tune trial (and MLflow run, tag ray_trial_id)
 ORPHAN_REASON = "never started: the driver stopped"  # ssl_tune_reason of a study trial Tune never recorded
+ERROR_REASON = "the trial raised an error"
 
 
 def base_values(base: TrainConfig) -> dict[str, Any]:
@@ -59,12 +61,19 @@ class TruthfulOptunaSearch(OptunaSearch):
     A driver killed mid-sweep can leave the study and Tune's saved record apart. Tune saves its trial list, then
     this searcher's state: a trial asked for between the two saves is in Tune's record (and resumes) but not in
     the restored ``_ot_trials``, so its first result adopts its study trial (:meth:`_adopt`); a trial asked for
-    after both saves is in no record at all, and :func:`close_orphans` ends it on ``--resume``.
+    after both saves is in no record at all, and :func:`settle_study` ends it on ``--resume``.
+
+    The study learns how a trial ended only when this searcher saves (:meth:`save`), right after Tune saved a
+    record that holds the trial as ended. Told at once, the study could hold an outcome Tune's record lacks: ASHA
+    stops a trial, the study is told PRUNED, the driver dies before Tune's next save, and ``--resume`` runs the
+    trial again, to a different end (the soak caught one trained to the last epoch). Ended in Tune's record but
+    not yet told (killed between the two saves), a trial is told by :func:`settle_study` from that record.
     """
 
     def __init__(self, *args: Any, time_limit_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.time_limit_s = time_limit_s
+        self._untold: list[tuple[str, str, str, dict | None]] = []  # ended trials the study learns at the next save
 
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
@@ -92,45 +101,66 @@ class TruthfulOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or not self._adopt(trial_id):
             return
-        ot_trial = self._ot_trials[trial_id]
-        if error:
-            status, reason = Status.FAILED, "the trial raised an error"
-        else:
-            status, reason = trial_outcome(result or {}, self.time_limit_s)
-        # After a hard crash the study (sqlite, written at once) can be ahead of this searcher's pickled
-        # state (saved every few seconds): a trial already told is told nothing again.
-        with contextlib.suppress(UpdateFinishedTrialError):
-            if result and self.metric in result:  # Tune sends a trial's last result here, not to on_trial_result
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # a step already reported is ignored, and says so
-                    ot_trial.report(float(result[self.metric]), int(result["training_iteration"]))
-            ot_trial.set_user_attr("ssl_tune_status", status)
-            ot_trial.set_user_attr("ssl_tune_reason", reason)
-            if status == Status.FINISHED:
-                self._ot_study.tell(ot_trial, float(result[self.metric]), state=TrialState.COMPLETE)
-            else:
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL if error else TrialState.PRUNED)
+        status, reason = (Status.FAILED, ERROR_REASON) if error else trial_outcome(result or {}, self.time_limit_s)
+        self._untold.append((trial_id, status, reason, result))
         self._completed_trials.add(trial_id)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Tell the study how the trials ended that Tune's just-saved record holds as ended, then save as Ray does."""
+        for trial_id, status, reason, result in self._untold:
+            tell_outcome(self._ot_study, self._ot_trials[trial_id], status, reason, result, self.metric)
+        self._untold.clear()
+        super().save(checkpoint_path)
 
-def close_orphans(study: optuna.Study, recorded: set[str]) -> list[int]:
-    """Tell FAIL (reason ORPHAN_REASON) every RUNNING study trial whose Tune trial is in no saved Tune record
-    (``recorded``: the trial ids of every Tune experiment of the sweep), or that has no Tune trial id at all (asked
-    and killed at once): nothing would ever end them. Returns their numbers."""
-    closed: list[int] = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(TRIAL_ATTR) in recorded:
-            continue
-        with contextlib.suppress(UpdateFinishedTrialError):  # ended meanwhile: left as it is
-            orphan = optuna.Trial(study, trial._trial_id)
-            orphan.set_user_attr("ssl_tune_status", Status.FAILED)
-            orphan.set_user_attr("ssl_tune_reason", ORPHAN_REASON)
-            study.tell(orphan, state=TrialState.FAIL)
-            closed.append(trial.number)
-    if closed:
-        logging.getLogger("ssl_tune.sweep").info("closed Optuna trials %s as FAIL (%s): in no saved Tune record",
-                                                 closed, ORPHAN_REASON)
-    return closed
+
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, status: str, reason: str, result: dict | None,
+                 metric: str) -> None:
+    """End a study trial as ssl-tune's ``status`` says: COMPLETE at its value when it trained every epoch, FAIL
+    when it raised, PRUNED otherwise; its last value is reported at its last epoch. A trial the study has
+    already ended (told before a hard crash) is left as it is."""
+    with contextlib.suppress(UpdateFinishedTrialError):
+        if result and metric in result:  # Tune sends a trial's last result to on_trial_complete only
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a step already reported is ignored, and says so
+                trial.report(float(result[metric]), int(result["training_iteration"]))
+        trial.set_user_attr("ssl_tune_status", status)
+        trial.set_user_attr("ssl_tune_reason", reason)
+        if status == Status.FINISHED:
+            study.tell(trial, float(result[metric]), state=TrialState.COMPLETE)
+        else:
+            study.tell(trial, state=TrialState.FAIL if status == Status.FAILED else TrialState.PRUNED)
+
+
+def settle_study(
+    study: optuna.Study, record: dict[str, tuple[str, dict]], time_limit_s: float | None
+) -> tuple[list[int], list[int]]:
+    """Before a resume runs, end every RUNNING study trial that nothing would end.
+
+    ``record`` maps the trial ids of every Tune experiment of the sweep to their saved Tune status and last result.
+    A study trial in no record (asked for after Tune's last save, or killed before it had a Tune trial id) is told
+    FAIL with reason :data:`ORPHAN_REASON`; one the record holds as ended (the driver stopped after Tune's save and
+    before the searcher's, :class:`TruthfulOptunaSearch`) is told how it ended, from the record. Returns the numbers
+    of both: (orphans, told late).
+    """
+    orphans, late = [], []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tune_status, last_result = record.get(frozen.user_attrs.get(TRIAL_ATTR), (None, {}))
+        trial = optuna.Trial(study, frozen._trial_id)
+        if tune_status is None:
+            tell_outcome(study, trial, Status.FAILED, ORPHAN_REASON, None, OBJECTIVE)
+            orphans.append(frozen.number)
+        elif tune_status == Trial.ERROR:
+            tell_outcome(study, trial, Status.FAILED, ERROR_REASON, last_result, OBJECTIVE)
+            late.append(frozen.number)
+        elif tune_status == Trial.TERMINATED:
+            tell_outcome(study, trial, *trial_outcome(last_result, time_limit_s), last_result, OBJECTIVE)
+            late.append(frozen.number)
+    log = logging.getLogger("ssl_tune.sweep")
+    if orphans:
+        log.info("closed Optuna trials %s as FAIL (%s): in no saved Tune record", orphans, ORPHAN_REASON)
+    if late:
+        log.info("ended Optuna trials %s as Tune's saved record ends them", late)
+    return orphans, late
 
 
 def study_storage(path: Path) -> optuna.storages.RDBStorage:

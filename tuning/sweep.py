@@ -34,7 +34,7 @@ from tuning.interrupt import ExperimentStateCopy, Interruption, StartWatchdog, r
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.population import POPULATION_SEARCHERS, build_pbt, population_space
 from tuning.progress import CompactReporter, hold_notices, log_to_file
-from tuning.search import base_values, build_scheduler, build_searcher, close_orphans, default_point, study_storage
+from tuning.search import base_values, build_scheduler, build_searcher, default_point, settle_study, study_storage
 from tuning.server import check_reachable
 from tuning.settings import (
     AUTO_SEEDS,
@@ -253,7 +253,7 @@ def run_sweep(
         tuners = [tune.Tuner.restore(where, stage.trainable(), resume_unfinished=True, resume_errored=False)
                   for where in experiments]
         if not stage.population:  # a PBT search has no study
-            _close_orphans(settings.name, path, experiments)
+            _settle_study(settings, path, experiments)
     else:
         if tune.Tuner.can_restore(experiments[0]):
             raise ConfigError(f"sweep '{settings.name}' already exists at {experiments[0]}; "
@@ -278,12 +278,14 @@ def run_sweep(
         return search, _run_confirmation(stage, f"{CONFIRM_DIR}-{len(search)}")
 
 
-def _close_orphans(name: str, path: Path, experiments: list[str]) -> None:
-    """Before a resume runs: end the study trials that no saved Tune record holds (:func:`close_orphans`)."""
+def _settle_study(settings: SweepSettings, path: Path, experiments: list[str]) -> None:
+    """Before a resume runs: end the study trials that nothing would end (:func:`settle_study`)."""
     import optuna
 
-    recorded = {trial.trial_id for where in experiments for trial in tune.ExperimentAnalysis(where).trials}
-    close_orphans(optuna.load_study(study_name=name, storage=study_storage(path)), recorded)
+    record = {trial.trial_id: (trial.status, trial.last_result) for where in experiments
+              for trial in tune.ExperimentAnalysis(where).trials}
+    study = optuna.load_study(study_name=settings.name, storage=study_storage(path))
+    settle_study(study, record, settings.trial_time_limit_s)
 
 
 def _repair(experiments: list[str]) -> None:
