@@ -305,6 +305,17 @@ def test_a_bad_config_value_fails_before_the_heavy_imports(tmp_path, command):
     assert "optim.lr=-1" in result.stderr
 
 
+def test_the_command_runs_the_exit_handlers_and_keeps_its_exit_code_and_output(tmp_path):
+    """``ssl-tune`` skips the interpreter's module teardown (tuning.cli.run), not what an exit must do."""
+    script = ("import atexit, sys\nfrom tuning import cli\n"
+              "atexit.register(lambda: print('exit handler ran'))\n"  # stdout, unflushed until the exit
+              "sys.argv = ['ssl-tune', 'tune', '--trials', '0']\ncli.run()\nprint('not reached')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == "exit handler ran\n"
+    assert "--trials 0 is invalid" in result.stderr
+
+
 def test_train_refuses_gpus_where_there_are_none_as_tune_does(tmp_path, capsys):
     """Formerly trained on the CPU and exited 0; the line is the one Tune's cluster check prints."""
     if torch.cuda.is_available():
