@@ -314,11 +314,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tuning.sweep import run_sweep
 
     interruption = Interruption()
+    resume_line = (f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} "
+                   f"--storage {args.storage}")
     search, confirm = run_sweep(settings, resume=bool(args.resume), interruption=interruption)
     if interruption.interrupted:
-        print(f"\nsweep interrupted; continue it with: ssl-tune tune --resume {settings.name} --storage {args.storage}")
+        print(resume_line)
         return 130
-    outcome = finish_sweep(settings, search, confirm)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C, while the report is written
+    try:
+        outcome = finish_sweep(settings, search, confirm)
+    except KeyboardInterrupt:  # the trials are saved: --resume writes the report again
+        print(resume_line)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\nsearch trials of {outcome.name}, best first by val {settings.objective} at each trial's last epoch, "
           f"0 when diverged or collapsed (the split the search selected on; optimistic for the best trial):\n"
           f"{outcome.table_text}\n")
