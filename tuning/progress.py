@@ -32,6 +32,9 @@ QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
 # ray.tune.logger.logger: "Remote file not found: .../result.json" as a PBT member restarts from another's checkpoint
 FILE_ONLY_LOGGERS = ("optuna", "ray._private.worker", "ray._private.authentication", "mlflow.store.db", "alembic",
                      "ray.tune.logger.logger")
+# Tune's own lines as a sweep stops on a signal: ssl-tune says it stops, and how to resume (--resume NAME, not
+# Tune's "Resume experiment with: Tuner.restore(...)"); the file keeps them.
+FILE_ONLY_MESSAGES = ("Stop signal received", "Experiment has been interrupted")
 
 
 def last_value(trial: Trial, metric: str) -> float | None:
@@ -146,6 +149,7 @@ def log_to_file(path: Path, held: logging.handlers.MemoryHandler | None = None) 
     to_console = logging.StreamHandler()
     to_console.setLevel(logging.WARNING)
     to_console.setFormatter(OneLineFormatter(path))
+    to_console.addFilter(lambda record: not record.getMessage().startswith(FILE_ONLY_MESSAGES))
     for name in (*QUIET_LOGGERS, "ssl_tune"):
         logger = logging.getLogger(name)
         logger.handlers = [to_file, to_console]
