@@ -101,8 +101,7 @@ class TruthfulOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or not self._adopt(trial_id):
             return
-        status, reason = (Status.FAILED, ERROR_REASON) if error else trial_outcome(result or {}, self.time_limit_s)
-        self._untold.append((trial_id, status, reason, result))
+        self._untold.append((trial_id, *trial_ending(result, self.time_limit_s, error), result))
         self._completed_trials.add(trial_id)
 
     def save(self, checkpoint_path: str) -> None:
@@ -111,6 +110,11 @@ class TruthfulOptunaSearch(OptunaSearch):
             tell_outcome(self._ot_study, self._ot_trials[trial_id], status, reason, result, self.metric)
         self._untold.clear()
         super().save(checkpoint_path)
+
+
+def trial_ending(result: dict | None, time_limit_s: float | None, error: bool) -> tuple[str, str]:
+    """ssl-tune's status and reason of a trial that ended: failed when it raised, else from its last result."""
+    return (Status.FAILED, ERROR_REASON) if error else trial_outcome(result or {}, time_limit_s)
 
 
 def tell_outcome(study: optuna.Study, trial: optuna.Trial, status: str, reason: str, result: dict | None,
@@ -142,19 +146,18 @@ def settle_study(
     before the searcher's, :class:`TruthfulOptunaSearch`) is told how it ended, from the record. Returns the numbers
     of both: (orphans, told late).
     """
-    orphans, late = [], []
+    orphans: list[int] = []
+    late: list[int] = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        tune_status, last_result = record.get(frozen.user_attrs.get(TRIAL_ATTR), (None, {}))
-        trial = optuna.Trial(study, frozen._trial_id)
+        tune_status, last_result = record.get(frozen.user_attrs.get(TRIAL_ATTR), (None, None))
         if tune_status is None:
-            tell_outcome(study, trial, Status.FAILED, ORPHAN_REASON, None, OBJECTIVE)
-            orphans.append(frozen.number)
-        elif tune_status == Trial.ERROR:
-            tell_outcome(study, trial, Status.FAILED, ERROR_REASON, last_result, OBJECTIVE)
-            late.append(frozen.number)
-        elif tune_status == Trial.TERMINATED:
-            tell_outcome(study, trial, *trial_outcome(last_result, time_limit_s), last_result, OBJECTIVE)
-            late.append(frozen.number)
+            ending, ended = (Status.FAILED, ORPHAN_REASON), orphans
+        elif tune_status in (Trial.TERMINATED, Trial.ERROR):
+            ending, ended = trial_ending(last_result, time_limit_s, tune_status == Trial.ERROR), late
+        else:  # it resumes, and the searcher tells its end
+            continue
+        tell_outcome(study, optuna.Trial(study, frozen._trial_id), *ending, last_result, OBJECTIVE)
+        ended.append(frozen.number)
     log = logging.getLogger("ssl_tune.sweep")
     if orphans:
         log.info("closed Optuna trials %s as FAIL (%s): in no saved Tune record", orphans, ORPHAN_REASON)
