@@ -35,11 +35,11 @@ from ssl_train.evaluation.knn import fitted_knn_k, knn_accuracy
 from ssl_train.status import Status
 from ssl_train.training.distributed import checkpoint_state
 from ssl_train.training.loop import build_model
-from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, paired_margin
+from tuning.confirm import DEFAULT_CANDIDATE, paired_margin
 from tuning.finish import finish_sweep
 from tuning.settings import SweepSettings
 from tuning.sweep import run_sweep
-from tuning.trial import trial_overrides
+from tuning.trial import CONFIRM_KEY, trial_overrides
 
 SMALL = ["data.image_size=16", "backbone.width=16", "optim.warmup_epochs=1"]
 

@@ -59,3 +59,15 @@ def test_every_folder_of_the_layout_exists_with_a_docstring():
     for folder in ("methods", "augment", "training", "evaluation", "data", "export"):
         init = ROOT / "ssl_train" / folder / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init.relative_to(ROOT)} needs a one-line job"
+
+
+def test_a_trial_process_imports_neither_mlflow_nor_optuna_nor_scikit_learn():
+    """Every trial process imports tuning.trial at start, twice per demo sweep (search, confirmation): MLflow,
+    Optuna, scikit-learn and SciPy, which only the driver or an optional probe needs, cost it ~2 s."""
+    import subprocess
+    import sys
+
+    heavy = ("mlflow", "optuna", "sklearn", "scipy")
+    code = f"import sys, tuning.trial; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

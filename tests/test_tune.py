@@ -633,3 +633,28 @@ def test_a_cut_off_tune_state_is_put_back_from_its_complete_copy(tmp_path):
     state.write_text("")  # cut off again, with no copy left
     with pytest.raises(RuntimeError, match="no complete copy exists; start a new sweep"):
         repair_experiment_state(str(tmp_path))
+
+
+def test_a_lone_trial_takes_the_cores_that_nothing_holds(ray_cluster):
+    import ray
+    import torch
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tuning.trial import IdleCores
+
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # trials of earlier tests release their CPUs
+    cores = IdleCores()
+    try:
+        cores.update()
+        assert torch.get_num_threads() == cores.own  # one look at free cores is not enough: Tune may refill them
+        cores.update()
+        assert torch.get_num_threads() == cores.own + 2  # the cluster's 2 CPUs, free twice in a row
+        held = placement_group([{"CPU": 1}])  # a trial starts: it takes its core back by the next look
+        ray.get(held.ready(), timeout=30)
+        cores.update()
+        assert torch.get_num_threads() == cores.own + 1
+        remove_placement_group(held)
+    finally:
+        torch.set_num_threads(cores.own)

@@ -32,7 +32,6 @@ from ssl_train.status import Status
 from tuning.sequential import Look, look
 
 DEFAULT_CANDIDATE = "default"
-CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides
 
 
 def metric_on_test(objective: str) -> str:

@@ -22,7 +22,7 @@ from ray.tune import ProgressReporter
 from ray.tune.experiment import Trial
 
 from ssl_train.status import Status
-from tuning.tracking import RANKED_BY, trial_outcome
+from tuning.outcome import RANKED_BY, trial_outcome
 
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray.data")
 # Loggers whose lines tell a user of ssl-tune nothing to act on, warnings included: Optuna's ("There are no complete

@@ -27,13 +27,13 @@ from search_spaces import SearchSpace, load_space  # noqa: E402
 from ssl_train.config import TrainConfig  # noqa: E402
 from ssl_train.status import Status  # noqa: E402
 from tuning.confirm import Confirmation, metric_on_test  # noqa: E402
+from tuning.outcome import RANKED_BY  # noqa: E402
 from tuning.population import POPULATION_SEARCHERS  # noqa: E402
 from tuning.settings import SweepSettings, confirmation_looks  # noqa: E402
 from tuning.tracking import (  # noqa: E402
     CANDIDATE_TAG,
     DEFAULT_EXPERIMENT,
     DEFAULT_TAG,
-    RANKED_BY,
     REASON_TAG,
     SCHEDULE_TAG,
     STAGE_TAG,

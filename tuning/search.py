@@ -21,8 +21,8 @@ from search_spaces import SearchSpace
 from ssl_train.augment.recipes import effective_ops
 from ssl_train.config import TrainConfig
 from ssl_train.status import Status
+from tuning.outcome import trial_outcome
 from tuning.settings import STUDY_FILE, SweepSettings, default_min_epochs
-from tuning.tracking import trial_outcome
 from tuning.trial import OBJECTIVE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ..." and per-trial lines

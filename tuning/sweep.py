@@ -29,7 +29,7 @@ from ssl_train.augment.preview import save_preview
 from ssl_train.config import ConfigError, TrainConfig
 from ssl_train.data import load_splits
 from ssl_train.training.distributed import check_capacity, ensure_ray
-from tuning.confirm import CONFIRM_KEY, DEFAULT_CANDIDATE, candidates, confirmation_grid
+from tuning.confirm import DEFAULT_CANDIDATE, candidates, confirmation_grid
 from tuning.interrupt import ExperimentStateCopy, Interruption, StartWatchdog, repair_experiment_state
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.population import POPULATION_SEARCHERS, build_pbt, population_space
@@ -57,6 +57,7 @@ from tuning.tracking import (
     labels_tag,
 )
 from tuning.trial import (
+    CONFIRM_KEY,
     OBJECTIVE,
     TRIAL_CHECKPOINTS,
     TRIAL_CPU_WHEN_DISTRIBUTED,

@@ -26,6 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import LoggerCallback
 
 from ssl_train.status import Status
+from tuning.outcome import trial_outcome
 from tuning.population import EXPLOIT, SCHEDULE
 from tuning.server import TrackingError, check_reachable
 from tuning.settings import DEFAULT_EXPERIMENT
@@ -382,22 +383,3 @@ class MLflowSweepCallback(LoggerCallback):
                 self.tracker.client.log_artifact(run_id, path)
         self.runs[trial_id] = run_id
         return run_id
-
-
-RANKED_BY = "val {objective} at last epoch"  # what ranks trials and picks confirmation's candidates, as printed
-
-
-def trial_outcome(last_result: dict[str, Any], time_limit_s: float | None) -> tuple[str, str]:
-    """ssl-tune's status of a trial that ended, and why, from its last result."""
-    status = last_result.get("status", Status.RUNNING)
-    epoch = last_result.get("epoch", 0)
-    if status == Status.FINISHED:
-        return Status.FINISHED, f"trained all {epoch} epochs"
-    if status == Status.DIVERGED:
-        return Status.DIVERGED, f"non-finite loss in epoch {epoch}"
-    if status == Status.COLLAPSED:
-        std = last_result.get("embedding_std", 0)
-        return Status.COLLAPSED, f"embedding std {std:.3f} below threshold at epoch {epoch}"
-    if time_limit_s and last_result.get("time_total_s", 0) >= time_limit_s:
-        return Status.TIME_LIMIT, f"stopped at the trial time limit of {time_limit_s:.0f} s after epoch {epoch}"
-    return Status.PRUNED, f"stopped early by ASHA after epoch {epoch}"

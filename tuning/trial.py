@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune import Checkpoint
@@ -30,11 +32,11 @@ from ssl_train.data import DatasetSplits
 from ssl_train.status import Status
 from ssl_train.training.distributed import build_trainer, checkpoint_state, fit_in_background
 from ssl_train.training.loop import WorkerContext, in_process_device, train_loop
-from tuning.confirm import CONFIRM_KEY
 from tuning.population import EXPLOIT, SCHEDULE, continue_lineage, donor_of
 from tuning.progress import quiet_worker_logs
 
 OBJECTIVE = "objective"
+CONFIRM_KEY = "confirm"  # the Tune param holding one confirmation run: candidate, seed and overrides (tuning.confirm)
 TRIAL_CPU_WHEN_DISTRIBUTED = 0.01  # the trial only waits on its TorchTrainer; 0 is rejected by Tune
 TRIAL_CHECKPOINTS = 1  # checkpoints a trial keeps (its newest): a resume needs no more, and a sweep has many trials
 
@@ -90,13 +92,41 @@ def run_trial(
         _run_distributed_member(config, report, trial_dir, checkpoint)
         return
 
+    threads = IdleCores()
+
     def report_epoch(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         report(metrics, Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        threads.update()
 
     with tempfile.TemporaryDirectory(prefix="ssl-tune-trial-") as staging:
         # keep 1: tune.report has stored the checkpoint by the time the next one is written
         context = WorkerContext(device=in_process_device(config), checkpoint_dir=Path(staging), keep_checkpoints=1)
         train_loop(config, report_epoch, context, checkpoint=state, splits=splits)
+
+
+class IdleCores:
+    """The torch threads of a one-worker trial, set after each epoch: its own CPUs, plus the node's CPUs that no Ray
+    task, actor or trial has held at this look and the one before (a lone last trial gets the core its finished
+    neighbour freed; a trial that starts takes it back by the next epoch, and a slot that Tune refills at once is
+    never counted). Only on one-node clusters: Ray counts free CPUs cluster-wide."""
+
+    def __init__(self) -> None:
+        self.own = torch.get_num_threads()  # Ray sets OMP_NUM_THREADS to the trial's CPUs
+        self.free_before = 0
+
+    def update(self) -> None:
+        free = _free_node_cpus()
+        threads = self.own + min(free, self.free_before)
+        self.free_before = free
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
+def _free_node_cpus() -> int:
+    """Whole CPUs that nothing holds on this one-node cluster; 0 on a cluster of several nodes."""
+    if sum(node["Alive"] for node in ray.nodes()) != 1:
+        return 0
+    return int(ray.available_resources().get("CPU", 0.0))
 
 
 class TuneReport:

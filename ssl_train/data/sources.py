@@ -15,7 +15,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torchvision.transforms.v2.functional as TF
-from sklearn.datasets import load_digits
 
 from ssl_train.data import uris
 from ssl_train.data.decode import ImageSource, _Records
@@ -258,6 +257,8 @@ def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _digits_pool(image_size: int) -> ImageSet:
     """All 1,797 labeled digits as ``image_size`` RGB images, in scikit-learn's order."""
+    from sklearn.datasets import load_digits  # here: scikit-learn and SciPy cost every trial process ~0.8 s at import
+
     digits = load_digits()
     grey = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     return _grey_pool(grey, digits.target, image_size)

@@ -8,7 +8,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torchvision
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ssl_train.config import DataConfig
 from ssl_train.data.decode import _decode_records
@@ -39,6 +38,8 @@ def _hold_out(
     if pool.groups is not None and by_group:
         rest, held = _group_fold(pool.labels.numpy(), pool.groups, fraction, what, class_names or [])
         return pool.select(np.sort(rest)), pool.select(np.sort(held))
+    from sklearn.model_selection import train_test_split  # here, as in _group_fold: trial processes skip sklearn
+
     index = np.arange(len(pool))
     labels = pool.labels.numpy()
     try:
@@ -57,6 +58,8 @@ def _group_fold(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rest, held-out) indices with no group on both sides: the held-out part is one of ``round(1 / fraction)``
     folds of scikit-learn's StratifiedGroupKFold (fixed seed), the first that leaves every class on both sides."""
+    from sklearn.model_selection import StratifiedGroupKFold  # here: scikit-learn and SciPy cost ~0.8 s at import
+
     folds = _fold_count(fraction)
     classes = np.unique(labels)
     if len(np.unique(groups)) >= folds:

@@ -17,9 +17,7 @@ from ssl_train.evaluation.label_free import (
     embedding_std,
     rankme_sample,
 )
-from ssl_train.evaluation.probe import linear_probe_accuracy
 from ssl_train.evaluation.resolution import bootstrap_se, bootstrap_statistic_se
-from ssl_train.evaluation.rotation import rotation_probe_accuracy
 
 
 def evaluate_backbone(
@@ -60,7 +58,10 @@ def evaluate_backbone(
     groups = getattr(held_out, "groups", None)  # None: each image its own group
     metrics = {**label_free_scores(sampled, None if groups is None else groups[sample.numpy()],
                                    with_se=not splits.num_classes), "feature_std": embedding_std(features)}
+    # The probes import scikit-learn (and SciPy): ~0.8 s that every trial process would pay at start, used or not.
     if config.rotation_probe:
+        from ssl_train.evaluation.rotation import rotation_probe_accuracy
+
         metrics["rotation"] = rotation_probe_accuracy(lambda x: extract_features(backbone, x, batch_size, device, bf16),
                                                       held_out.images)
     if splits.num_classes:
@@ -68,6 +69,8 @@ def evaluate_backbone(
         metrics |= knn_scores(train, splits.eval_train.labels, features, held_out.labels, groups, splits.num_classes,
                               config)
         if config.linear_probe:
+            from ssl_train.evaluation.probe import linear_probe_accuracy
+
             metrics["linear_acc"] = linear_probe_accuracy(train, splits.eval_train.labels, features, held_out.labels)
     return {f"{split}_{key}": value for key, value in metrics.items()}
 
