@@ -47,6 +47,8 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from bench.common import machine, markdown_table, replace_section  # noqa: E402
 from bench.overlapping_crops import mosaic_photos, write_photo_crops  # noqa: E402
 from ssl_train import load_config  # noqa: E402
+from ssl_train.augment.batched import BatchedViews  # noqa: E402
+from ssl_train.augment.recipes import view_recipes  # noqa: E402
 from ssl_train.data import DatasetSplits, ImageSet, load_images, load_splits  # noqa: E402
 from ssl_train.data.sources import EMBEDDED_POOLS  # noqa: E402
 from ssl_train.evaluation.evaluate import evaluate_backbone  # noqa: E402
@@ -63,7 +65,7 @@ SIZE = 16
 SMALL = [f"data.image_size={SIZE}", "backbone.width=16", "optim.warmup_epochs=1", "data.leak_check=false",
          "eval.test_at_end=false"]
 LABELED = ("knn_acc", "knn_prob", "probe_logp")
-LABEL_FREE = ("rankme", "alpha_req", "rotation", "view_match")
+LABEL_FREE = ("rankme", "alpha_req", "rotation", "view_match", "lidar")
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 CURVE_DRAWS = 50
 
@@ -171,7 +173,43 @@ def view_match(backbone: torch.nn.Module, val: ImageSet) -> float:
     return float(hits.mean() / 2)
 
 
-def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet) -> tuple[dict, dict]:
+LIDAR_VIEWS = 10  # augmented views per val image (the paper's 50 cost 5x more; fixed before any run, not fitted)
+LIDAR_DELTA, LIDAR_EPS = 1e-4, 1e-7  # the within-class ridge and the eigenvalue floor (Thilak et al. 2023)
+
+
+def lidar(embeddings: torch.Tensor) -> float:
+    """LiDAR (Thilak et al., ICLR 2024, arXiv 2312.04000): the effective rank of the LDA matrix
+    ``Sigma_w^-1/2 Sigma_b Sigma_w^-1/2`` of the surrogate task whose classes are images and whose samples are their
+    augmented views; ``embeddings`` ``[n images, q views, d]``."""
+    n, q, d = embeddings.shape
+    x = embeddings.double()
+    means = x.mean(1)
+    centred = means - means.mean(0)
+    between = centred.T @ centred / n
+    spread = (x - means[:, None]).reshape(n * q, d)
+    within = spread.T @ spread / (n * q) + LIDAR_DELTA * torch.eye(d, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(within)
+    root = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    spectrum = torch.linalg.eigvalsh(root @ between @ root).clamp_min(0)
+    p = spectrum / spectrum.sum() + LIDAR_EPS
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lidar_of(backbone: torch.nn.Module, config: object, val: ImageSet) -> float:
+    """LiDAR of the backbone's features of ``LIDAR_VIEWS`` views of every val image, drawn by the trial's own
+    augmentations (the paper's surrogate task), with a fixed seed."""
+    augment = BatchedViews(view_recipes(config))
+    torch.manual_seed(0)
+    views = [view for _ in range(LIDAR_VIEWS // len(augment.recipes)) for view in augment(val.images)]
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        features = torch.stack([backbone(view).float().flatten(1) for view in views], dim=1)
+    backbone.train(was_training)
+    return lidar(features)
+
+
+def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet, config: object) -> tuple[dict, dict]:
     """Every candidate on val, and the truths (kNN on new images; the tool's test split for reference); plus the
     per-val-image values of the labeled candidates, for the val-size curve."""
     memory, labels = extract_features(backbone, splits.eval_train.images), splits.eval_train.labels
@@ -189,7 +227,7 @@ def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet)
                "knn_acc_se": bootstrap_se(per_image["knn_acc"], splits.val.groups),
                "rankme": effective_rank(features["val"]), "alpha": alpha, "alpha_req": alpha_req_score(alpha),
                "rotation": rotation_probe_accuracy(lambda x: extract_features(backbone, x), splits.val.images),
-               "view_match": view_match(backbone, splits.val)}
+               "view_match": view_match(backbone, splits.val), "lidar": lidar_of(backbone, config, splits.val)}
     for truth in ("test", "new"):
         truth_labels = splits.test.labels if truth == "test" else new.labels
         predicted = knn_vote_shares(memory, labels, features[truth], splits.num_classes, k, TEMPERATURE).argmax(1)
@@ -215,14 +253,14 @@ def run_set(data: DataSet, trial_recipes: list[dict]) -> tuple[pd.DataFrame, lis
         trainer.fit()
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        scores, per_image = score_trial(trainer.method.backbone, splits, new)
+        scores, per_image = score_trial(trainer.method.backbone, splits, new, config)
         rows.append({"trial": index, **{k: v for k, v in recipe.items() if k != "augment.crop_scale"},
                      "crop_min": recipe["augment.crop_scale"][0], **scores,
                      "epoch_s": train_s / recipe["optim.epochs"], "score_s": time.perf_counter() - started})
         per_images.append(per_image)
         print(f"{data.name} trial {index}: new {scores['new_knn_acc']:.3f} val knn_acc {scores['knn_acc']:.3f} "
               f"knn_prob {scores['knn_prob']:.3f} rankme {scores['rankme']:.1f} rotation {scores['rotation']:.3f} "
-              f"view_match {scores['view_match']:.3f}",
+              f"view_match {scores['view_match']:.3f} lidar {scores['lidar']:.1f}",
               flush=True)
     return pd.DataFrame(rows), per_images, splits, facts
 

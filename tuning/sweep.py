@@ -213,7 +213,7 @@ def _prepare(settings: SweepSettings, resume: bool) -> _Stage:
     if splits.ssl_train is not None:  # a streamed set is counted by the workers that receive it
         space.check_batch_fits(base, len(splits.ssl_train))
     held = hold_notices()  # Ray's start-up notices, for the log file
-    ensure_ray(settings.address)
+    ensure_ray(settings.address, dashboard=base.scaling.max_workers > 1)  # one-worker trials run no Train
     check_capacity(base, may_grow=settings.address is not None)  # a trial that can never be placed: say so now
     path = sweep_path(settings)
     log_to_file(path / LOG_FILE, held)
