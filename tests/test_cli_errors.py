@@ -426,3 +426,24 @@ def test_a_logged_exception_reaches_the_console_as_one_line(tmp_path):
     line = OneLineFormatter(tmp_path / "sweep.log").format(record)
     assert line == ("Trial task failed for trial run_trial_1: RuntimeError: The actor died unexpectedly before "
                     f"finishing this task. (traceback in {tmp_path / 'sweep.log'})")
+
+
+def test_a_trial_process_stopped_in_a_callback_prints_no_traceback_but_other_errors_still_show():
+    """Tune stops a trial process with SIGTERM; Ray's handler raises SystemExit, which Python reports as an
+    unraisable error when it lands in a weakref callback: the trial process keeps that off the console."""
+    code = """
+import weakref
+from tuning.progress import quiet_worker_logs
+quiet_worker_logs()
+class Thing: pass
+def raiser(error):
+    def callback(_ref):
+        raise error
+    return callback
+one, two = Thing(), Thing()
+keep = [weakref.ref(one, raiser(SystemExit(1))), weakref.ref(two, raiser(ValueError("shown")))]
+del one, two
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "SystemExit" not in done.stderr
+    assert "ValueError: shown" in done.stderr
