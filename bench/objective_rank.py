@@ -14,10 +14,12 @@ accuracy (k=20 fitted, T=0.07, memory the run's eval-train images) on images tha
 Candidates with labels (val split only; the SSL model trained on none of its images):
 ``knn_acc`` (the old objective), ``knn_prob`` (the kNN vote's share for the true class, a proper score),
 ``probe_logp`` (a linear probe's mean log-probability of the true class). Without labels: ``rankme``,
-``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe); and ``view_match`` (instance retrieval
-between two fixed corner views, which needs no "up"), defined here because it failed and the library does not offer
-it. No candidate has a parameter fitted here: the others are scored as the library computes them. The val-size
-curve subsamples val groups (images without groups) to show how many the labeled objective needs to rank reliably.
+``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe); and, defined here because they failed
+and the library does not offer them, ``view_match`` (instance retrieval between two fixed corner views, which needs
+no "up") and ``lidar`` (LiDAR, Thilak et al., ICLR 2024: the effective rank of the LDA matrix whose classes are val
+images and whose samples are 10 views of each by the trial's own augmentations). No candidate has a parameter fitted
+here: the others are scored as the library computes them, LiDAR with the paper's constants. The val-size curve
+subsamples val groups (images without groups) to show how many the labeled objective needs to rank reliably.
 
     python -m bench.objective_rank [--trials 24] [--write]
 """
