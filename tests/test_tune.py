@@ -438,8 +438,8 @@ def test_asha_waits_half_the_epochs_by_default():
 
 
 def test_the_demo_sweeps_mnist5k_and_a_chosen_source_keeps_the_general_sizes():
-    """Issue 23.3: without --config or data.source, ``ssl-tune tune`` is the demo (MNIST-5k, 8 trials of 6 epochs,
-    the best 1 confirmed); naming the data, or the sizes, takes them from the user."""
+    """Issue 23.3: without --config or data.source, ``ssl-tune tune`` is the demo (MNIST-5k, 8 trials of
+    DEMO_SWEEP_EPOCHS epochs, the best 1 confirmed); naming the data, or the sizes, takes them from the user."""
     demo = sweep_settings(build_parser().parse_args(["tune"]))
     assert (demo.base_config().data.source, demo.base_config().optim.epochs) == (DEMO_DATA, DEMO_SWEEP_EPOCHS)
     assert (demo.trials, demo.confirm_top, demo.confirm_seeds) == (DEMO_TRIALS, DEMO_CONFIRM_TOP, DEMO_CONFIRM_SEEDS)
@@ -448,8 +448,8 @@ def test_the_demo_sweeps_mnist5k_and_a_chosen_source_keeps_the_general_sizes():
     assert own.base_config().data.source == "digits" and (own.trials, own.confirm_top, own.confirm_seeds) == (12, 2, 3)
     sized = sweep_settings(build_parser().parse_args(["tune", "--trials", "3", "--confirm-top", "2"]))
     assert sized.base_config().data.source == DEMO_DATA and (sized.trials, sized.confirm_top) == (3, 2)
-    epochs_set = sweep_settings(build_parser().parse_args(["tune", "--set", "optim.epochs=4"]))
-    assert epochs_set.base_config().optim.epochs == 4 != DEMO_SWEEP_EPOCHS
+    epochs_set = sweep_settings(build_parser().parse_args(["tune", "--set", "optim.epochs=3"]))
+    assert epochs_set.base_config().optim.epochs == 3 != DEMO_SWEEP_EPOCHS
 
 
 def test_the_demo_starts_from_byol_paper_views_and_searches_every_knob_that_recipe_sets():
