@@ -617,22 +617,48 @@ def test_auto_confirmation_adds_a_round_of_seeds_for_the_winner_and_the_start(ra
     assert "O'Brien-Fleming alpha spending, look " in outcome.confirmation_text
 
 
+def _tune_state(*trial_ids: str) -> str:
+    """An experiment_state file's text as Tune writes it: a (trial JSON, runtime JSON) pair a trial."""
+    return json.dumps({"trial_data": [[json.dumps({"trial_id": trial}), "{}"] for trial in trial_ids]})
+
+
 def test_a_cut_off_tune_state_is_put_back_from_its_complete_copy(tmp_path):
     """Tune rewrites experiment_state-*.json in place; ExperimentStateCopy keeps the last complete one beside it."""
     state = tmp_path / "experiment_state-2026-12-06_10-00-00.json"
     copier = ExperimentStateCopy(str(tmp_path))
-    state.write_text('{"trial_data": [1]}')
+    state.write_text(_tune_state("a"))
     copier.on_step_end(0, [])
-    state.write_text('{"trial_data": [1, 2')  # being written when the step looked: not copied
+    state.write_text(_tune_state("a", "b")[:-5])  # being written when the step looked: not copied
     copier.on_step_end(1, [])
-    assert json.loads((tmp_path / f"{state.name}.complete").read_text()) == {"trial_data": [1]}
+    assert (tmp_path / f"{state.name}.complete").read_text() == _tune_state("a")
     assert repair_experiment_state(str(tmp_path)) == (f"{state.name} was cut off when the sweep stopped: restored its "
                                                       "last complete copy (trials that ran after it continue from "
                                                       "their checkpoints)")
-    assert json.loads(state.read_text()) == {"trial_data": [1]} and repair_experiment_state(str(tmp_path)) is None
+    assert state.read_text() == _tune_state("a") and repair_experiment_state(str(tmp_path)) is None
     state.write_text("")  # cut off again, with no copy left
     with pytest.raises(RuntimeError, match="no complete copy exists; start a new sweep"):
         repair_experiment_state(str(tmp_path))
+
+
+def test_a_put_back_state_makes_the_searcher_forget_the_trials_it_lacks(tmp_path):
+    """CI hung on a resume: the state file was put back to one trial while Tune's search-generator state (written
+    after it, by the cut-off save) counted two and its concurrency limiter waited for the second, which no longer
+    existed. The repair makes the generator forget it."""
+    import ray.cloudpickle as cloudpickle
+
+    state = tmp_path / "experiment_state-2026-12-06_10-00-00.json"
+    state.write_text(_tune_state("a"))
+    ExperimentStateCopy(str(tmp_path)).on_step_end(0, [])
+    state.write_text(_tune_state("a", "b")[:-5])
+    generator = tmp_path / "search_gen_state-2026-12-06_10-00-00.json"
+    limiter = {"max_concurrent": 1, "batch": False, "live_trials": {"b"}, "num_unfinished_live_trials": 1}
+    generator.write_bytes(cloudpickle.dumps({"counter": 2, "total_samples": 4, "finished": False,
+                                             "name:ConcurrencyLimiter": limiter}))
+    assert repair_experiment_state(str(tmp_path)) is not None
+    restored = cloudpickle.loads(generator.read_bytes())
+    assert (restored["counter"], restored["total_samples"]) == (1, 4)
+    assert restored["name:ConcurrencyLimiter"]["live_trials"] == set()
+    assert restored["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] == 0
 
 
 def test_a_lone_trial_takes_the_cores_that_nothing_holds(ray_cluster):

@@ -53,6 +53,7 @@ class StartWatchdog(tune.Callback):
 
 STATE_FILES = "experiment_state-*.json"  # Tune's record of an experiment; the newest is what a restore reads
 COMPLETE_COPY = ".complete"  # the suffix of ExperimentStateCopy's copy (not matched by STATE_FILES)
+SEARCH_GENERATOR_FILES = "search_gen_state-*.json"  # Tune's SearchGenerator state (a pickle despite the name)
 
 
 def _newest_state(experiment: str) -> Path | None:
@@ -104,8 +105,29 @@ def repair_experiment_state(experiment: str) -> str | None:
         raise RuntimeError(f"{newest}: Tune's record of this sweep was cut off when it stopped, and no complete copy "
                            "exists; start a new sweep (MLflow and the Optuna study keep what ran)")
     os.replace(copy, newest)
+    _forget_unrecorded_trials(newest)
     return (f"{newest.name} was cut off when the sweep stopped: restored its last complete copy (trials that ran "
             "after it continue from their checkpoints)")
+
+
+def _forget_unrecorded_trials(state_file: Path) -> None:
+    """After a state file is put back: the search generator's state, which Tune writes after the state file (and may
+    have written for the later, cut-off save), forgets the trials the restored record lacks: its count of created
+    trials, and its concurrency limiter's running set, which would otherwise wait forever for a trial that no
+    longer exists (CI saw a resumed sweep hang so)."""
+    import ray.cloudpickle as cloudpickle
+
+    recorded = {json.loads(trial[0])["trial_id"] for trial in json.loads(state_file.read_text())["trial_data"]}
+    for path in state_file.parent.glob(SEARCH_GENERATOR_FILES):
+        state = cloudpickle.loads(path.read_bytes())
+        state["counter"] = min(state["counter"], len(recorded))
+        limiter = state.get("name:ConcurrencyLimiter")
+        if limiter is not None:
+            limiter["live_trials"] &= recorded
+            limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+        staged = path.with_name(path.name + ".partial")
+        staged.write_bytes(cloudpickle.dumps(state))
+        os.replace(staged, path)
 
 
 class Interruption:
