@@ -176,11 +176,11 @@ def view_match(backbone: torch.nn.Module, val: ImageSet) -> float:
 
 
 LIDAR_VIEWS = 10  # augmented views per val image (the paper's 50 cost 5x more; fixed before any run, not fitted)
-LIDAR_DELTA, LIDAR_EPS = 1e-4, 1e-7  # the within-class ridge and the eigenvalue floor (Thilak et al. 2023)
+LIDAR_DELTA = 1e-4  # the within-class ridge (Thilak et al. 2023; their eigenvalue floor 1e-7 is effective_rank's eps)
 
 
 def lidar(embeddings: torch.Tensor) -> float:
-    """LiDAR (Thilak et al., ICLR 2024, arXiv 2312.04000): the effective rank of the LDA matrix
+    """LiDAR (Thilak et al., ICLR 2024, arXiv 2312.04000): the effective rank (RankMe's formula) of the LDA matrix
     ``Sigma_w^-1/2 Sigma_b Sigma_w^-1/2`` of the surrogate task whose classes are images and whose samples are their
     augmented views; ``embeddings`` ``[n images, q views, d]``."""
     n, q, d = embeddings.shape
@@ -192,9 +192,7 @@ def lidar(embeddings: torch.Tensor) -> float:
     within = spread.T @ spread / (n * q) + LIDAR_DELTA * torch.eye(d, dtype=torch.float64)
     values, vectors = torch.linalg.eigh(within)
     root = vectors @ torch.diag(values.rsqrt()) @ vectors.T
-    spectrum = torch.linalg.eigvalsh(root @ between @ root).clamp_min(0)
-    p = spectrum / spectrum.sum() + LIDAR_EPS
-    return float(torch.exp(-(p * p.log()).sum()))
+    return effective_rank(root @ between @ root)  # its singular values are its eigenvalues: it is symmetric PSD
 
 
 def lidar_of(backbone: torch.nn.Module, config: object, val: ImageSet) -> float:

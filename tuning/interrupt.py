@@ -88,9 +88,7 @@ class ExperimentStateCopy(tune.Callback):
             return
         text = newest.read_bytes()
         if _is_complete(text):  # else it is being written: a later step copies it
-            staged = newest.with_name(newest.name + ".partial")
-            staged.write_bytes(text)
-            os.replace(staged, newest.with_name(newest.name + COMPLETE_COPY))
+            _write_whole(newest.with_name(newest.name + COMPLETE_COPY), text)
             self.copied = stamp
 
 
@@ -125,9 +123,14 @@ def _forget_unrecorded_trials(state_file: Path) -> None:
         if limiter is not None:
             limiter["live_trials"] &= recorded
             limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
-        staged = path.with_name(path.name + ".partial")
-        staged.write_bytes(cloudpickle.dumps(state))
-        os.replace(staged, path)
+        _write_whole(path, cloudpickle.dumps(state))
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a kill leaves the old file or the new one, never a part: beside it, then renamed."""
+    staged = path.with_name(path.name + ".partial")
+    staged.write_bytes(data)
+    os.replace(staged, path)
 
 
 class Interruption:
