@@ -34,7 +34,7 @@ from tuning.interrupt import ExperimentStateCopy, Interruption, StartWatchdog, r
 from tuning.objective import AUTO, check_labels, check_objective, orientation_warning, resolve_objective
 from tuning.population import POPULATION_SEARCHERS, build_pbt, population_space
 from tuning.progress import CompactReporter, hold_notices, log_to_file
-from tuning.search import base_values, build_scheduler, build_searcher, default_point, settle_study, study_storage
+from tuning.search import base_values, build_scheduler, build_searcher, is_default_trial, settle_study, study_storage
 from tuning.server import check_reachable
 from tuning.settings import (
     AUTO_SEEDS,
@@ -83,8 +83,6 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
     """For the MLflow callback: a trial's full params, tags and artifacts (config YAML, augmentation preview).
     A PBT member starts from the default's values but is no default run: its values change as it goes."""
     commit = git_commit()
-    flat = base_values(base)  # the default trial holds these values (its per-op augmentations spelled out)
-    default_values = {key: flat[key] for key in default_point(space, base)}
 
     def describe(trial: Trial) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
         config = trial_config(base.to_dict(), trial.config, str(workdir / trial.trial_id))
@@ -97,7 +95,7 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
             names = {MLFLOW_RUN_NAME: f"confirm-{confirm['candidate']}-seed{confirm['seed_index']}",
                      CANDIDATE_TAG: confirm["candidate"]}
         else:
-            is_default = not population and all(trial.config.get(k) == v for k, v in default_values.items())
+            is_default = not population and is_default_trial(trial.config, space, base)
             names = {MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
         tags = {
             **names,
