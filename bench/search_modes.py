@@ -1,7 +1,7 @@
 """Search modes at equal epochs: PBA (``--searcher pbt``) against TPE + ASHA and random + ASHA, each confirmed
 with ``--confirm-seeds auto`` on the test split (issue 34, point 5).
 
-Every mode starts from the demo's recipe (BYOL paper views on MNIST-5k, 24 px, width 16, 6 epochs) and searches the
+Every mode starts from the demo's recipe (BYOL paper views on MNIST-5k at the demo's scale, 6 epochs) and searches the
 demo's space (``search_spaces/adapt.yaml``: crop, flips, strength, lr, tau, every knob schedulable). TPE and random
 run 8 trials with ASHA; PBA runs a population of 6 members, 36 epochs, about what ASHA leaves of 8 x 6. The epochs
 each search trained are counted from its trials' reports (one a trained epoch; a PBT member's copied epochs are not

@@ -465,7 +465,7 @@ def test_the_demo_starts_from_byol_paper_views_and_searches_every_knob_that_reci
     assert demo.start == DEMO_START == "BYOL paper views" and demo.space == DEMO_SPACE
     assert (start.augment.crop_scale, start.augment.flip_p, start.augment.strength, start.byol.tau_base) == (
         [0.08, 1.0], 0.5, 1.0, 0.996)  # BYOL (Grill et al. 2020): crop 0.08-1, flips, strength 1, tau 0.996
-    assert (start.data.image_size, start.backbone.width) == (24, 16)  # the demo's scale, unless the user sets it
+    assert (start.data.image_size, start.backbone.width) == (28, 12)  # the demo's scale, unless the user sets it
     assert sweep_settings(build_parser().parse_args(["tune", "--set", "data.image_size=32"])).base_config(
     ).data.image_size == 32
     space = load_space(demo.space, start)
