@@ -521,6 +521,9 @@ def test_the_main_job_prints_a_compact_console_and_logs_the_rest_to_a_file(ray_c
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("search trials of quiet")) + 1:]
     assert "val knn_acc at last epoch" in table[0]  # the ranking column's header says what it is
     assert leader.split("current best: trial ")[1].split(",")[0] == table[1].split()[0]
+    confirm_lines = lines[next(i for i, line in enumerate(lines) if line.startswith("confirming ")):]
+    summaries = [line for line in confirm_lines if re.match(r"\[\d+m\d\ds\] \d+ ended", line)]
+    assert summaries and not [line for line in summaries if "current best" in line]  # a seed's run scores no config
     assert any(re.match(rf"sweep folder {re.escape(str(tmp_path / 'sweeps' / 'quiet'))}: \d+\.\d MB", line)
                for line in lines)
     # The last lines: the verdict, the winner's change to the start in words, the command to train with it.

@@ -107,8 +107,9 @@ class CompactReporter(ProgressReporter):
         ended = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
         scored = [t for t in trials if last_value(t, self.metric) is not None]
         best = max(scored, key=lambda t: rank_key(t, self.metric), default=None)
+        # Confirmation names no best: a run is one seed of a config, and its winner is the best mean (its table)
         best_text = (f"; current best: trial {best.trial_id}, {self.value_label} {last_value(best, self.metric):.4f}"
-                     if best else "")
+                     if best and not self.only_unfinished else "")
         minutes, seconds = divmod(int(now - self.started), 60)
         return (f"[{minutes}m{seconds:02d}s] {ended} ended, {counts[Trial.RUNNING]} running, "
                 f"{counts[Trial.PENDING]} pending{best_text}")
