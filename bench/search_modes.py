@@ -1,12 +1,12 @@
 """Search modes at equal epochs: PBA (``--searcher pbt``) against TPE + ASHA and random + ASHA, each confirmed
 with ``--confirm-seeds auto`` on the test split (issue 34, point 5).
 
-Every mode starts from the demo's recipe (BYOL paper views on MNIST-5k at the demo's scale, 6 epochs) and searches the
-demo's space (``search_spaces/adapt.yaml``: crop, flips, strength, lr, tau, every knob schedulable). TPE and random
-run 8 trials with ASHA; PBA runs a population of 6 members, 36 epochs, about what ASHA leaves of 8 x 6. The epochs
-each search trained are counted from its trials' reports (one a trained epoch; a PBT member's copied epochs are not
-counted twice). Figures per mode and seed: search epochs, the winner and its change in words, the confirmed test
-margin over the start with its interval, and the seeds auto-confirmation used.
+Every mode starts from the demo's recipe (BYOL paper views on MNIST-5k at the demo's scale and epochs) and searches
+the demo's space (``search_spaces/adapt.yaml``: crop, flips, strength, lr, tau, every knob schedulable). TPE and
+random run 8 trials with ASHA; PBA runs a population of 6 members for the trials' epochs each, about what ASHA
+leaves of 8 trials. The epochs each search trained are counted from its trials' reports (one a trained epoch; a PBT
+member's copied epochs are not counted twice). Figures per mode and seed: search epochs, the winner and its change
+in words, the confirmed test margin over the start with its interval, and the seeds auto-confirmation used.
 
     python -m bench.search_modes [--seeds 0 1 2 3 4] [--modes pba tpe random] [--write]
 """
