@@ -34,7 +34,7 @@ from tuning.cli_args import (
 from tuning.finish import finish_sweep
 from tuning.interrupt import ExperimentStateCopy, TrialsNeverStarted, repair_experiment_state
 from tuning.report import load_report
-from tuning.search import is_default_trial
+from tuning.search import base_values, is_default_trial
 from tuning.settings import SweepSettings, default_min_epochs
 from tuning.sweep import run_sweep
 from tuning.tracking import (
@@ -593,21 +593,27 @@ def test_a_time_budget_that_ends_before_any_trial_reports_calls_no_config_best(r
         assert run.data.tags[REASON_TAG] == "stopped by the time budget of 1 s after epoch 0"
 
 
+def width_space(folder: Path, lr_choices: str) -> Path:
+    """A space that searches the backbone width over [12, 16], beyond TINY's 8, and the lr over ``lr_choices``."""
+    path = folder / "width.yaml"
+    path.write_text(SPACE.replace("optim.lr: {choice: [0.05, 1.0e+9]}", "backbone.width: {int: [12, 16]}")
+                    .replace("augment.strength: {uniform: [0.0, 1.0]}", f"optim.lr: {{choice: {lr_choices}}}"))
+    return path
+
+
 def test_no_search_trial_is_the_default_where_the_space_cannot_take_a_default_value(tmp_path):
     """A trial that shares the default's searched values is the default only when the space holds all of them: here
     width 8 lies outside [12, 16], so every trial (lr 1e-6 included) differs from the default and may be confirmed."""
     base = load_config(overrides=[*TINY, "optim.lr=1.0e-6"])
-    space_file = tmp_path / "width.yaml"
-    space_file.write_text(SPACE.replace("optim.lr: {choice: [0.05, 1.0e+9]}", "backbone.width: {int: [12, 16]}")
-                          .replace("augment.strength: {uniform: [0.0, 1.0]}", "optim.lr: {choice: [1.0e-6, 0.05]}"))
-    space = load_space(space_file, base)
-    assert not is_default_trial({"backbone.width": 15, "optim.lr": 1.0e-6}, space, base)
+    space = load_space(width_space(tmp_path, "[1.0e-6, 0.05]"), base)
+    assert not is_default_trial({"backbone.width": 15, "optim.lr": 1.0e-6}, space, base_values(base))
     base = load_config(overrides=[*TINY, "optim.lr=0.05"])  # inside the space: the first trial is the default
+    space_file = tmp_path / "lr.yaml"
     space_file.write_text(SPACE)
     space = load_space(space_file, base)
     strength = base.augment.strength
-    assert is_default_trial({"optim.lr": 0.05, "augment.strength": strength}, space, base)
-    assert not is_default_trial({"optim.lr": 0.05, "augment.strength": strength / 2}, space, base)
+    assert is_default_trial({"optim.lr": 0.05, "augment.strength": strength}, space, base_values(base))
+    assert not is_default_trial({"optim.lr": 0.05, "augment.strength": strength / 2}, space, base_values(base))
 
 
 @pytest.mark.slow  # 2 configs x 4 seeds of training: minutes on 2 cores
@@ -618,12 +624,10 @@ def test_auto_confirmation_adds_a_round_of_seeds_for_the_winner_and_the_start(ra
     # lr 1e-6 barely trains, so the configs differ by their random-init features: width 12 or 16 leads the default's
     # 8 on val at every seed (+2 to +7 points, seeds 0-5, bf16 or float32); on test the leads of seeds 0-2 (-0.7 to
     # +7.8) are too uneven for the first look's bound (paired t 7.0 at 3 of 4 seeds): a second round follows
-    space = tmp_path / "width.yaml"
-    space.write_text(SPACE.replace("optim.lr: {choice: [0.05, 1.0e+9]}", "backbone.width: {int: [12, 16]}")
-                     .replace("augment.strength: {uniform: [0.0, 1.0]}", "optim.lr: {choice: [1.0e-6]}"))
     settings = SweepSettings(
-        space=str(space), overrides=[*TINY, "optim.epochs=2", "optim.lr=1.0e-6"], trials=3, min_epochs=1,
-        concurrency=2, name="rounds", storage=str(tmp_path / "sweeps"), tracking_uri=uri, experiment="ssl-tune-test",
+        space=str(width_space(tmp_path, "[1.0e-6]")), overrides=[*TINY, "optim.epochs=2", "optim.lr=1.0e-6"], trials=3,
+        min_epochs=1, concurrency=2, name="rounds", storage=str(tmp_path / "sweeps"), tracking_uri=uri,
+        experiment="ssl-tune-test",
         seed=1, confirm_top=1, confirm_seeds="auto", max_confirm_seeds=4, min_effect=-1.0,
     )
     search, confirm = run_sweep(settings)

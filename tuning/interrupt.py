@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray.cloudpickle as cloudpickle
 from ray import tune
 from ray.tune.experiment import Trial
 
@@ -113,8 +114,6 @@ def _forget_unrecorded_trials(state_file: Path) -> None:
     have written for the later, cut-off save), forgets the trials the restored record lacks: its count of created
     trials, and its concurrency limiter's running set, which would otherwise wait forever for a trial that no
     longer exists (CI saw a resumed sweep hang so)."""
-    import ray.cloudpickle as cloudpickle
-
     recorded = {json.loads(trial[0])["trial_id"] for trial in json.loads(state_file.read_text())["trial_data"]}
     for path in state_file.parent.glob(SEARCH_GENERATOR_FILES):
         state = cloudpickle.loads(path.read_bytes())

@@ -46,12 +46,11 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
     return {key: value for key, value in point.items() if value is not None}
 
 
-def is_default_trial(trial_config: dict[str, Any], space: SearchSpace, base: TrainConfig) -> bool:
-    """Whether a search trial trains the base config: it holds the base value of every searched key it sampled
-    (a conditional key left unsampled matches). Where the space cannot take a default, Optuna samples that key for
-    the first trial too, so no trial is the default."""
-    flat = base_values(base)
-    return all(trial_config.get(param.path, flat[param.path]) == flat[param.path] for param in space.params)
+def is_default_trial(trial_config: dict[str, Any], space: SearchSpace, defaults: dict[str, Any]) -> bool:
+    """Whether a search trial trains the base config, whose :func:`base_values` are ``defaults``: it holds the base
+    value of every searched key it sampled (a conditional key left unsampled matches). Where the space cannot take a
+    default, Optuna samples that key for the first trial too, so no trial is the default."""
+    return all(trial_config.get(param.path, defaults[param.path]) == defaults[param.path] for param in space.params)
 
 
 class TruthfulOptunaSearch(OptunaSearch):

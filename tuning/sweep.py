@@ -83,6 +83,7 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
     """For the MLflow callback: a trial's full params, tags and artifacts (config YAML, augmentation preview).
     A PBT member starts from the default's values but is no default run: its values change as it goes."""
     commit = git_commit()
+    defaults = base_values(base)  # the default trial holds these values (its per-op augmentations spelled out)
 
     def describe(trial: Trial) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
         config = trial_config(base.to_dict(), trial.config, str(workdir / trial.trial_id))
@@ -95,7 +96,7 @@ def _trial_describer(base: TrainConfig, space: SearchSpace, space_source: str, p
             names = {MLFLOW_RUN_NAME: f"confirm-{confirm['candidate']}-seed{confirm['seed_index']}",
                      CANDIDATE_TAG: confirm["candidate"]}
         else:
-            is_default = not population and is_default_trial(trial.config, space, base)
+            is_default = not population and is_default_trial(trial.config, space, defaults)
             names = {MLFLOW_RUN_NAME: f"trial-{trial.trial_id}"}
         tags = {
             **names,
