@@ -9,7 +9,12 @@ accuracy (k=20 fitted, T=0.07, memory the run's eval-train images) on images tha
   images are whole photos set aside.
 - **mnist5k**: MNIST-5k digits, no groups; the new images are digits set aside.
 - **textures**: generated isotropic textures (no canonical orientation: every rotation is as likely), crops of
-  each texture grouped by source; the new images are textures set aside.
+  each texture grouped by source; the new images are textures set aside: 40 a class, 5 crops each (with 4 a class,
+  20 crops each, the truth's own reliability was 0.42 on a development draw: too few new textures to rank by).
+
+The truth is itself measured on a sample, so its reliability is reported beside it: the Spearman between the trials'
+kNN accuracy on two random halves of the new groups (images without groups), averaged over 200 halvings and stepped
+up to the whole set (Spearman-Brown, 2r / (1 + r)). No objective can rank much closer to the truth than that.
 
 Candidates with labels (val split only; the SSL model trained on none of its images):
 ``knn_acc`` (the old objective), ``knn_prob`` (the kNN vote's share for the true class, a proper score),
@@ -17,8 +22,13 @@ Candidates with labels (val split only; the SSL model trained on none of its ima
 ``alpha_req`` (-|alpha - 1|), ``rotation`` (SelfAugment's rotation probe); and, defined here because they failed
 and the library does not offer them, ``view_match`` (instance retrieval between two fixed corner views, which needs
 no "up") and ``lidar`` (LiDAR, Thilak et al., ICLR 2024: the effective rank of the LDA matrix whose classes are val
-images and whose samples are 10 views of each by the trial's own augmentations). No candidate has a parameter fitted
-here: the others are scored as the library computes them, LiDAR with the paper's constants. The val-size curve
+images and whose samples are 10 views of each by the trial's own augmentations), CLID's two parts (Lu et al. 2022,
+arXiv 2206.01251): ``cluster_learnability`` (k-means into 10 clusters on the val features; a 5-NN classifier fitted
+on half the val groups predicts the clusters of the other half) and ``intrinsic_dim`` (the TwoNN estimate, Facco et
+al. 2017, higher = more expressive), each alone, as a combination's weights would be fitted on the data it is scored
+on; and ``silhouette`` (of those clusters, by cosine; Lowe et al. 2024 use it as a label-free proxy of clustering
+quality). No candidate has a parameter fitted here: the others are scored as the library computes them, LiDAR with
+the paper's constants. The val-size curve
 subsamples val groups (images without groups) to show how many the labeled objective needs to rank reliably.
 
     python -m bench.objective_rank [--trials 24] [--write]
@@ -42,7 +52,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import stats  # noqa: E402
+from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import silhouette_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
@@ -67,7 +79,11 @@ SIZE = 16
 SMALL = [f"data.image_size={SIZE}", "backbone.width=16", "optim.warmup_epochs=1", "data.leak_check=false",
          "eval.test_at_end=false"]
 LABELED = ("knn_acc", "knn_prob", "probe_logp")
-LABEL_FREE = ("rankme", "alpha_req", "rotation", "view_match", "lidar")
+LABEL_FREE = ("rankme", "alpha_req", "rotation", "view_match", "lidar", "cluster_learnability", "intrinsic_dim",
+              "silhouette")
+TEXTURE_NEW_PHOTOS, TEXTURE_NEW_CROPS = 40, 5  # per class, per photo: the truth's images (see the module)
+CLUSTERS, CLUSTER_NEIGHBOURS = 10, 5  # CLID's k-means clusters and kNN classifier, fixed before any run
+RELIABILITY_HALVINGS = 200
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 CURVE_DRAWS = 50
 
@@ -77,7 +93,7 @@ class DataSet:
     name: str
     tool: Path  # the folder the tool splits
     new: Path  # images no split used
-    group_by: str | None
+    group_by: str | None  # level:1 (photo folders) or None; the new images are grouped the same way
 
 
 def texture_photos(classes: int, groups: int, side: int, seed: int) -> list[list[np.ndarray]]:
@@ -119,11 +135,13 @@ def write_mnist(root: Path, held_out: int, seed: int) -> tuple[Path, Path]:
 
 def build_sets(root: Path) -> list[DataSet]:
     sets = []
-    for name, photos in (("crops", mosaic_photos(10, 12, round(1.5 * SIZE), seed=0)),
-                         ("textures", texture_photos(8, 12, 2 * SIZE, seed=0))):
-        tool, new = split_photos(photos, held_out=4)
+    for name, photos, held_out, new_crops in (
+            ("crops", mosaic_photos(10, 12, round(1.5 * SIZE), seed=0), 4, 20),
+            ("textures", texture_photos(8, 8 + TEXTURE_NEW_PHOTOS, 2 * SIZE, seed=0), TEXTURE_NEW_PHOTOS,
+             TEXTURE_NEW_CROPS)):
+        tool, new = split_photos(photos, held_out=held_out)
         sets.append(DataSet(name, write_photo_crops(root / name / "tool", tool, 20, SIZE),
-                            write_photo_crops(root / name / "new", new, 20, SIZE, seed=1), "level:1"))
+                            write_photo_crops(root / name / "new", new, new_crops, SIZE, seed=1), "level:1"))
     tool, new = write_mnist(root / "mnist5k", held_out=1500, seed=0)
     sets.append(DataSet("mnist5k", tool, new, None))
     return sets
@@ -209,9 +227,51 @@ def lidar_of(backbone: torch.nn.Module, config: object, val: ImageSet) -> float:
     return lidar(features)
 
 
+def kmeans_clusters(features: torch.Tensor) -> np.ndarray:
+    """``CLUSTERS`` k-means clusters (seeded) of the L2-normalised features."""
+    unit = F.normalize(features.float(), dim=1).numpy()
+    return KMeans(CLUSTERS, n_init=3, random_state=0).fit_predict(unit)
+
+
+def cluster_learnability(features: torch.Tensor, clusters: np.ndarray, groups: np.ndarray | None) -> float:
+    """CLID's cluster learnability (Lu et al. 2022): how well a ``CLUSTER_NEIGHBOURS``-NN classifier (cosine) fitted
+    on half the val groups (images without groups) predicts the k-means clusters of the other half."""
+    units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(features))
+    fitted = np.isin(units, np.random.default_rng(0).permutation(units.max() + 1)[: (units.max() + 1) // 2])
+    unit = F.normalize(features.float(), dim=1)
+    neighbours = (unit[~fitted] @ unit[fitted].T).topk(CLUSTER_NEIGHBOURS, dim=1).indices.numpy()
+    votes = clusters[fitted][neighbours]
+    predicted = np.array([np.bincount(row, minlength=CLUSTERS).argmax() for row in votes])
+    return float((predicted == clusters[~fitted]).mean())
+
+
+def intrinsic_dim(features: torch.Tensor) -> float:
+    """TwoNN intrinsic dimension (Facco et al. 2017): ``N / sum log(r2 / r1)`` over the images' first and second
+    nearest-neighbour distances (of the L2-normalised features; exact duplicates left out)."""
+    unit = F.normalize(features.double(), dim=1)
+    distances = torch.cdist(unit, unit).fill_diagonal_(float("inf"))
+    nearest = distances.topk(2, dim=1, largest=False).values
+    ratio = nearest[:, 1] / nearest[:, 0]
+    ratio = ratio[torch.isfinite(ratio) & (ratio > 1)]
+    return float(len(ratio) / ratio.log().sum())
+
+
+def truth_reliability(correct: np.ndarray, units: np.ndarray) -> float:
+    """The truth's split-half reliability: Spearman, over the trials, of kNN accuracy on two random halves of the
+    new images' units (groups, or images), averaged over ``RELIABILITY_HALVINGS`` halvings and stepped up to the whole
+    set by Spearman-Brown (2r / (1 + r)); ``correct`` is ``[trials, new images]`` 0/1."""
+    index = np.unique(units, return_inverse=True)[1]
+    rhos = []
+    for draw in range(RELIABILITY_HALVINGS):
+        half = np.isin(index, np.random.default_rng(draw).permutation(index.max() + 1)[: (index.max() + 1) // 2])
+        rhos.append(stats.spearmanr(correct[:, half].mean(1), correct[:, ~half].mean(1)).statistic)
+    rho = float(np.mean(rhos))
+    return 2 * rho / (1 + rho)
+
+
 def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet, config: object) -> tuple[dict, dict]:
     """Every candidate on val, and the truths (kNN on new images; the tool's test split for reference); plus the
-    per-val-image values of the labeled candidates, for the val-size curve."""
+    per-val-image values of the labeled candidates, for the val-size curve, and which new images kNN got right."""
     memory, labels = extract_features(backbone, splits.eval_train.images), splits.eval_train.labels
     k = fitted_knn_k(K, labels)
     features = {name: extract_features(backbone, s.images) for name, s in
@@ -222,16 +282,22 @@ def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet,
                  "knn_prob": true_class_share(shares, val_labels).double().numpy(),
                  "probe_logp": probe_logp(memory, labels, features["val"], val_labels, splits.num_classes)}
     alpha = alpha_exponent(features["val"])
+    clusters = kmeans_clusters(features["val"])
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     scores |= {"knn_prob_se": bootstrap_se(per_image["knn_prob"], splits.val.groups),
                "knn_acc_se": bootstrap_se(per_image["knn_acc"], splits.val.groups),
                "rankme": effective_rank(features["val"]), "alpha": alpha, "alpha_req": alpha_req_score(alpha),
                "rotation": rotation_probe_accuracy(lambda x: extract_features(backbone, x), splits.val.images),
-               "view_match": view_match(backbone, splits.val), "lidar": lidar_of(backbone, config, splits.val)}
+               "view_match": view_match(backbone, splits.val), "lidar": lidar_of(backbone, config, splits.val),
+               "cluster_learnability": cluster_learnability(features["val"], clusters, splits.val.groups),
+               "intrinsic_dim": intrinsic_dim(features["val"]),
+               "silhouette": float(silhouette_score(F.normalize(features["val"].float(), dim=1).numpy(), clusters,
+                                                    metric="cosine"))}
     for truth in ("test", "new"):
         truth_labels = splits.test.labels if truth == "test" else new.labels
         predicted = knn_vote_shares(memory, labels, features[truth], splits.num_classes, k, TEMPERATURE).argmax(1)
-        scores[f"{truth}_knn_acc"] = float((predicted == truth_labels).double().mean())
+        per_image[f"{truth}_correct"] = (predicted == truth_labels).double().numpy()
+        scores[f"{truth}_knn_acc"] = float(per_image[f"{truth}_correct"].mean())
     return scores, per_image
 
 
@@ -239,7 +305,7 @@ def run_set(data: DataSet, trial_recipes: list[dict]) -> tuple[pd.DataFrame, lis
     base = load_config(overrides=["data.source=folder", f"data.path={data.tool}", *SMALL,
                                   *([f"data.group_by={data.group_by}"] if data.group_by else [])])
     splits = load_splits(base.data)
-    new = load_images(str(data.new), SIZE)[0]
+    new, new_names, _ = load_images(str(data.new), SIZE)
     random_init = build_model(base).backbone
     facts = {"rotation at random init": rotation_probe_accuracy(lambda x: extract_features(random_init, x),
                                                                 splits.val.images),
@@ -262,6 +328,9 @@ def run_set(data: DataSet, trial_recipes: list[dict]) -> tuple[pd.DataFrame, lis
               f"knn_prob {scores['knn_prob']:.3f} rankme {scores['rankme']:.1f} rotation {scores['rotation']:.3f} "
               f"view_match {scores['view_match']:.3f} lidar {scores['lidar']:.1f}",
               flush=True)
+    units = np.array([Path(name).parent.name if data.group_by else name for name in new_names])
+    facts["new groups"] = len(np.unique(units))
+    facts["truth reliability"] = truth_reliability(np.stack([p["new_correct"] for p in per_images]), units)
     return pd.DataFrame(rows), per_images, splits, facts
 
 

@@ -26,7 +26,7 @@ def evaluate_backbone(
     config: EvalConfig,
     device: torch.device | str = "cpu",
     split: str = "val",
-    batch_size: int = 512,
+    batch_size: int = 256,
     bf16: bool = False,
 ) -> dict[str, float]:
     """The label-free scores of one held-out split (RankMe, alpha-ReQ, the feature std, and the rotation probe if

@@ -10,7 +10,7 @@ from ssl_train.augment.recipes import normalize_batch
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, images: torch.Tensor, batch_size: int = 512, device: torch.device | str = "cpu",
+    backbone: nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu",
     bf16: bool = False,
 ) -> torch.Tensor:
     """Backbone features of uint8 images ``[N, 3, S, S]`` as float32 ``[N, D]`` on the CPU.
@@ -18,7 +18,8 @@ def extract_features(
     The backbone (already on ``device``) runs in eval mode, so BatchNorm uses its running
     statistics; its previous train/eval mode is restored afterwards. ``bf16``: under bf16 autocast, as the
     training step runs where bf16 is native (twice as fast on such a CPU; the features' cosine with float32's
-    rounds to 1.0000).
+    rounds to 1.0000). Batches go in channels-last (NHWC), 256 at a time: on a 2-core CPU in float32 that halves the
+    time of the demo's evaluation against contiguous batches of 512 (0.21 s against 0.38-0.43 s for 3,500 images).
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
@@ -29,7 +30,8 @@ def extract_features(
     try:
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             chunks = [
-                backbone(normalize_batch(batch.to(device))).float().flatten(1).cpu()
+                backbone(normalize_batch(batch.to(device)).contiguous(memory_format=torch.channels_last))
+                .float().flatten(1).cpu()
                 for batch in images.split(batch_size)
             ]
     finally:
