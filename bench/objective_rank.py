@@ -28,8 +28,8 @@ on half the val groups predicts the clusters of the other half) and ``intrinsic_
 al. 2017, higher = more expressive), each alone, as a combination's weights would be fitted on the data it is scored
 on; and ``silhouette`` (of those clusters, by cosine; Lowe et al. 2024 use it as a label-free proxy of clustering
 quality). No candidate has a parameter fitted here: the others are scored as the library computes them, LiDAR with
-the paper's constants. The val-size curve
-subsamples val groups (images without groups) to show how many the labeled objective needs to rank reliably.
+the paper's constants. The val-size curve subsamples val groups (images without groups) to show how many the
+labeled objective needs to rank reliably.
 
     python -m bench.objective_rank [--trials 24] [--write]
 """
