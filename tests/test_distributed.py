@@ -291,6 +291,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     assert all(math.isfinite(m["val_knn_acc"]) for m in history) and history[-1]["loss"] < history[0]["loss"]
 
 
+@pytest.mark.slow  # 50-85 s on a 2-core float32 CPU: a second 2-worker run, streamed by Ray Data
 def test_two_workers_streaming_parquet_follow_the_in_memory_run(two_worker_run, digits_parquet, tmp_path):
     """Ray Data splits the rows over the 2 workers; each epoch's exchange restores the in-memory batches."""
     streamed = train(load_config(overrides=[*TWO_WORKERS, *parquet_overrides(digits_parquet, True),
