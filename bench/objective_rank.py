@@ -227,18 +227,17 @@ def lidar_of(backbone: torch.nn.Module, config: object, val: ImageSet) -> float:
     return lidar(features)
 
 
-def kmeans_clusters(features: torch.Tensor) -> np.ndarray:
-    """``CLUSTERS`` k-means clusters (seeded) of the L2-normalised features."""
-    unit = F.normalize(features.float(), dim=1).numpy()
-    return KMeans(CLUSTERS, n_init=3, random_state=0).fit_predict(unit)
+def random_half(units: np.ndarray, seed: int) -> np.ndarray:
+    """A mask of the images in a random half (``seed``) of their units (groups, or the images themselves)."""
+    index = np.unique(units, return_inverse=True)[1]
+    return np.isin(index, np.random.default_rng(seed).permutation(index.max() + 1)[: (index.max() + 1) // 2])
 
 
-def cluster_learnability(features: torch.Tensor, clusters: np.ndarray, groups: np.ndarray | None) -> float:
+def cluster_learnability(unit: torch.Tensor, clusters: np.ndarray, groups: np.ndarray | None) -> float:
     """CLID's cluster learnability (Lu et al. 2022): how well a ``CLUSTER_NEIGHBOURS``-NN classifier (cosine) fitted
-    on half the val groups (images without groups) predicts the k-means clusters of the other half."""
-    units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(features))
-    fitted = np.isin(units, np.random.default_rng(0).permutation(units.max() + 1)[: (units.max() + 1) // 2])
-    unit = F.normalize(features.float(), dim=1)
+    on half the val groups (images without groups) predicts the k-means ``clusters`` of the other half; ``unit``: the
+    L2-normalised val features."""
+    fitted = random_half(groups if groups is not None else np.arange(len(unit)), seed=0)
     neighbours = (unit[~fitted] @ unit[fitted].T).topk(CLUSTER_NEIGHBOURS, dim=1).indices.numpy()
     votes = clusters[fitted][neighbours]
     predicted = np.array([np.bincount(row, minlength=CLUSTERS).argmax() for row in votes])
@@ -260,10 +259,9 @@ def truth_reliability(correct: np.ndarray, units: np.ndarray) -> float:
     """The truth's split-half reliability: Spearman, over the trials, of kNN accuracy on two random halves of the
     new images' units (groups, or images), averaged over ``RELIABILITY_HALVINGS`` halvings and stepped up to the whole
     set by Spearman-Brown (2r / (1 + r)); ``correct`` is ``[trials, new images]`` 0/1."""
-    index = np.unique(units, return_inverse=True)[1]
     rhos = []
     for draw in range(RELIABILITY_HALVINGS):
-        half = np.isin(index, np.random.default_rng(draw).permutation(index.max() + 1)[: (index.max() + 1) // 2])
+        half = random_half(units, seed=draw)
         rhos.append(stats.spearmanr(correct[:, half].mean(1), correct[:, ~half].mean(1)).statistic)
     rho = float(np.mean(rhos))
     return 2 * rho / (1 + rho)
@@ -282,17 +280,17 @@ def score_trial(backbone: torch.nn.Module, splits: DatasetSplits, new: ImageSet,
                  "knn_prob": true_class_share(shares, val_labels).double().numpy(),
                  "probe_logp": probe_logp(memory, labels, features["val"], val_labels, splits.num_classes)}
     alpha = alpha_exponent(features["val"])
-    clusters = kmeans_clusters(features["val"])
+    unit = F.normalize(features["val"].float(), dim=1)  # k-means, CLID's kNN and the silhouette work on the sphere
+    clusters = KMeans(CLUSTERS, n_init=3, random_state=0).fit_predict(unit.numpy())
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     scores |= {"knn_prob_se": bootstrap_se(per_image["knn_prob"], splits.val.groups),
                "knn_acc_se": bootstrap_se(per_image["knn_acc"], splits.val.groups),
                "rankme": effective_rank(features["val"]), "alpha": alpha, "alpha_req": alpha_req_score(alpha),
                "rotation": rotation_probe_accuracy(lambda x: extract_features(backbone, x), splits.val.images),
                "view_match": view_match(backbone, splits.val), "lidar": lidar_of(backbone, config, splits.val),
-               "cluster_learnability": cluster_learnability(features["val"], clusters, splits.val.groups),
+               "cluster_learnability": cluster_learnability(unit, clusters, splits.val.groups),
                "intrinsic_dim": intrinsic_dim(features["val"]),
-               "silhouette": float(silhouette_score(F.normalize(features["val"].float(), dim=1).numpy(), clusters,
-                                                    metric="cosine"))}
+               "silhouette": float(silhouette_score(unit.numpy(), clusters, metric="cosine"))}
     for truth in ("test", "new"):
         truth_labels = splits.test.labels if truth == "test" else new.labels
         predicted = knn_vote_shares(memory, labels, features[truth], splits.num_classes, k, TEMPERATURE).argmax(1)
